@@ -1,0 +1,54 @@
+"""CLI commands: each module registers one with ``@command``; the parser is built from the registry."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..registry import Registry, import_submodules
+
+
+@dataclass
+class Command:
+    help: str
+    add_arguments: Callable
+    handler: Callable
+
+
+COMMANDS: Registry[Command] = Registry("command")
+
+
+def command(name: str, help: str):
+    """Register ``cls`` with static ``add_arguments(parser)`` and ``handler(args)`` as a sub-command."""
+    def deco(cls):
+        COMMANDS.register(name, help)(Command(help, cls.add_arguments, cls.handler))
+        return cls
+    return deco
+
+
+def add_config_arguments(p) -> None:
+    """Arguments shared by every command that takes a run config."""
+    p.add_argument("config", help="YAML run config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any config field, e.g. --set defense.sigma=0.05 (repeatable)")
+    p.add_argument("--data-root", help="data root, sets data.root (e.g. ../shared/data)")
+    p.add_argument("--device", help="auto | cpu | cuda, sets device")
+    p.add_argument("--seed", type=int, help="sets seed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args):
+    from ..experiments import load_config
+
+    overrides = list(args.overrides)
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
+    if args.device:
+        overrides.append(f"device={args.device}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    if args.no_progress:
+        overrides.append("progress=false")
+    return load_config(args.config, overrides)
+
+
+import_submodules(__name__)

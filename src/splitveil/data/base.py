@@ -1,0 +1,159 @@
+"""Dataset containers, deterministic train/test/aux splits, normalisation and batching."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..registry import Registry
+
+
+@dataclass
+class RawData:
+    """Decoded images as uint8 tensors (N, C, H, W) and int64 labels, before any split."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor | None
+    test_labels: torch.Tensor | None
+    class_names: list[str]
+
+
+@dataclass
+class DatasetInfo:
+    """How a registered dataset is loaded: a loader plus its defaults."""
+
+    loader: Callable[..., RawData]   # loader(root, image_size, channels) -> RawData (already resized)
+    default_image_size: int
+    needs_root: bool = True
+    subdir: str | None = None        # looked up under the data root first (e.g. "cifar10")
+    mean: tuple[float, ...] | None = None  # per-dataset statistics; None: computed from the train split
+    std: tuple[float, ...] | None = None
+
+
+DATASETS: Registry[DatasetInfo] = Registry("dataset")
+
+
+@dataclass
+class ImageSplit:
+    """One split: uint8 images, labels and the indices into the pool they were drawn from."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    pool: str  # "train" or "test": which source pool ``indices`` refer to
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, idx: torch.Tensor) -> "ImageSplit":
+        return ImageSplit(self.images[idx], self.labels[idx], self.indices[idx], self.pool)
+
+
+@dataclass
+class DataBundle:
+    """The three splits of a run (train: target model, test: evaluation, aux: the attacker's data)."""
+
+    name: str
+    train: ImageSplit
+    test: ImageSplit
+    aux: ImageSplit
+    num_classes: int
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+    def _stats(self, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = torch.tensor(self.mean, dtype=ref.dtype, device=ref.device).view(1, -1, 1, 1)
+        s = torch.tensor(self.std, dtype=ref.dtype, device=ref.device).view(1, -1, 1, 1)
+        return m, s
+
+    def normalize(self, images01: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images -> the model's input space."""
+        m, s = self._stats(images01)
+        return (images01 - m) / s
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input space -> [0, 1] images (clamped), the space every image metric uses."""
+        m, s = self._stats(x)
+        return (x * s + m).clamp(0.0, 1.0)
+
+    def to_model_input(self, images_u8: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        return self.normalize(images_u8.to(device).float() / 255.0)
+
+    def batches(
+        self,
+        split: ImageSplit,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        augment: bool = False,
+        drop_last: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield normalised (x, y) batches on ``device``; shuffling/augmentation use ``generator``."""
+        n = len(split)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        stop = n - (n % batch_size) if drop_last and n >= batch_size else n
+        for start in range(0, stop, batch_size):
+            idx = order[start:start + batch_size]
+            imgs = split.images[idx]
+            if augment:
+                imgs = random_crop_flip(imgs, generator)
+            yield self.to_model_input(imgs, device), split.labels[idx].to(device)
+
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator | None, pad: int = 4) -> torch.Tensor:
+    """Standard CIFAR augmentation on a uint8 batch: random crop with zero padding and horizontal flip."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    out = torch.empty_like(images)
+    for i in range(n):  # per-image crop offsets; n is a batch, not the dataset
+        crop = padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+        out[i] = crop.flip(-1) if flip[i] else crop
+    return out
+
+
+def resize_u8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize a uint8 (N, C, H, W) batch to size x size (bilinear, antialiased when shrinking)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = []
+    for chunk in images.split(2048):
+        x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=size < max(chunk.shape[-2:]))
+        out.append(x.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def convert_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
+    if channels is None or images.shape[1] == channels:
+        return images
+    if channels == 3 and images.shape[1] == 1:
+        return images.repeat(1, 3, 1, 1)
+    if channels == 1 and images.shape[1] == 3:
+        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    raise ValueError(f"cannot convert {images.shape[1]} channels to {channels}")
+
+
+def stratified_holdout(labels: torch.Tensor, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split indices into (kept, held_out) with ``fraction`` of every class held out (at least one)."""
+    kept, held = [], []
+    for c in torch.unique(labels):
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        k = max(1, int(round(fraction * len(idx)))) if len(idx) > 1 else 0
+        held.append(idx[:k])
+        kept.append(idx[k:])
+    return torch.cat(kept).sort().values, torch.cat(held).sort().values
+

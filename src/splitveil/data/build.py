@@ -1,0 +1,124 @@
+"""Build the train/test/aux splits of a run from a :class:`DataConfig` (with an on-disk decode cache)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..params import ConfigError, require
+from .base import DATASETS, DataBundle, ImageSplit, RawData, stratified_holdout
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: str | None = None          # data root (e.g. ../shared/data); the dataset's sub-folder is found under it
+    image_size: int | None = None    # None: the dataset's default
+    channels: int | None = None      # None: the dataset's own; 1 or 3 to convert
+    train_size: int | None = None    # subset of the training images (after the aux hold-out); None: all
+    test_size: int | None = None     # subset of the test images; None: all
+    aux_size: int | None = None      # attacker images held out from the training pool (disjoint from train)
+    aux_fraction: float = 0.1        # used when aux_size is null: this fraction of the training pool
+    test_fraction: float = 0.2       # for datasets without an official test split
+    augment: bool = False            # random crop + flip on training batches
+    cache: bool = True               # cache decoded tensors on disk (SPLITVEIL_CACHE or ~/.cache/splitveil)
+
+    def validate(self) -> None:
+        require(self.name in DATASETS, "name", f"unknown dataset '{self.name}'; registered: {', '.join(DATASETS.names())}")
+        require(self.image_size is None or self.image_size >= 4, "image_size", "must be >= 4")
+        require(self.channels in (None, 1, 3), "channels", "must be 1, 3 or null")
+        for f in ("train_size", "test_size"):
+            v = getattr(self, f)
+            require(v is None or v > 0, f, "must be positive or null")
+        require(self.aux_size is None or self.aux_size > 0, "aux_size", "must be positive or null")
+        require(0.0 < self.aux_fraction < 1.0, "aux_fraction", "must be in (0, 1)")
+        require(0.0 < self.test_fraction < 1.0, "test_fraction", "must be in (0, 1)")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPLITVEIL_CACHE", Path.home() / ".cache" / "splitveil"))
+
+
+def resolve_root(cfg: DataConfig) -> Path | None:
+    info = DATASETS.get(cfg.name)
+    if not info.needs_root:
+        return None
+    if cfg.root is None:
+        raise ConfigError(f"data.root: dataset '{cfg.name}' needs a data root (e.g. --data-root ../shared/data)")
+    root = Path(cfg.root).expanduser()
+    if info.subdir and (root / info.subdir).exists():
+        root = root / info.subdir
+    if not root.exists():
+        raise ConfigError(f"data.root: {root} does not exist")
+    return root.resolve()
+
+
+def load_raw(cfg: DataConfig) -> RawData:
+    """Decode the dataset (or read the decoded tensors from the cache)."""
+    info = DATASETS.get(cfg.name)
+    root = resolve_root(cfg)
+    size = cfg.image_size or info.default_image_size
+    key_src = {"v": CACHE_VERSION, "name": cfg.name, "root": str(root), "size": size, "channels": cfg.channels}
+    if root is not None:
+        st = root.stat()
+        key_src["root_mtime"] = int(st.st_mtime)
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / "data" / f"{cfg.name}-{size}-{key}.pt"
+    if cfg.cache and path.exists():
+        try:
+            d = torch.load(path, weights_only=True)
+            return RawData(d["train_images"], d["train_labels"], d.get("test_images"), d.get("test_labels"),
+                           list(d["class_names"]))
+        except Exception:  # a corrupt or partial cache file: decode again
+            pass
+    raw = info.loader(root, size, cfg.channels)
+    if cfg.cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        d = {k: v for k, v in raw.__dict__.items() if v is not None}
+        torch.save(d, tmp)
+        os.replace(tmp, path)  # atomic: concurrent runs never read a half-written cache
+    return raw
+
+
+def _take(n: int | None, idx: torch.Tensor) -> torch.Tensor:
+    return idx if n is None else idx[: min(n, len(idx))]
+
+
+def build_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
+    """Deterministic splits for ``seed``: aux is held out of the training pool, disjoint from train and test."""
+    info = DATASETS.get(cfg.name)
+    raw = load_raw(cfg)
+    g = torch.Generator().manual_seed(10_007 + seed)
+    pool_x, pool_y = raw.train_images, raw.train_labels
+    if raw.test_images is None:
+        tr_idx, te_idx = stratified_holdout(pool_y, cfg.test_fraction, g)
+        test = ImageSplit(pool_x[te_idx], pool_y[te_idx], te_idx, "train")
+        pool_idx = tr_idx
+    else:
+        te_idx = torch.arange(len(raw.test_labels))
+        test = ImageSplit(raw.test_images, raw.test_labels, te_idx, "test")
+        pool_idx = torch.arange(len(pool_y))
+    n_aux = cfg.aux_size if cfg.aux_size is not None else max(1, round(cfg.aux_fraction * len(pool_idx)))
+    if n_aux >= len(pool_idx):
+        raise ConfigError(f"data.aux_size: {n_aux} leaves no training images (pool has {len(pool_idx)})")
+    perm = pool_idx[torch.randperm(len(pool_idx), generator=g)]
+    aux_idx, train_idx = perm[:n_aux], perm[n_aux:]
+    train_idx = _take(cfg.train_size, train_idx)
+    test_sel = _take(cfg.test_size, torch.randperm(len(test), generator=g))
+    train = ImageSplit(pool_x[train_idx], pool_y[train_idx], train_idx, "train")
+    aux = ImageSplit(pool_x[aux_idx], pool_y[aux_idx], aux_idx, "train")
+    test = test.subset(test_sel)
+    if info.mean is not None and len(info.mean) == train.images.shape[1]:
+        mean, std = info.mean, info.std
+    else:  # statistics of this run's training split, per channel
+        x = train.images.float() / 255.0
+        mean = tuple(float(v) for v in x.mean(dim=(0, 2, 3)))
+        std = tuple(max(float(v), 1e-3) for v in x.std(dim=(0, 2, 3)))
+    return DataBundle(cfg.name, train, test, aux, len(raw.class_names), raw.class_names, mean, std)

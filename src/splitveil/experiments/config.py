@@ -1,0 +1,123 @@
+"""The run configuration: YAML -> typed, validated objects; ``--set a.b=value`` overrides."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..attacks import ATTACKS
+from ..data import DataConfig
+from ..defenses import build_defenses
+from ..models import ModelConfig
+from ..params import ConfigError, coerce, require
+from ..training import TrainConfig
+
+
+@dataclass
+class EvalConfig:
+    recon_images: int = 8        # test images shown in recon.png (the first n of the test split)
+    latency_batch: int = 32
+    latency_repeats: int = 10
+    batch_size: int = 256
+
+    def validate(self) -> None:
+        require(self.recon_images >= 1, "recon_images", "must be >= 1")
+        require(self.latency_repeats >= 1, "latency_repeats", "must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    progress: bool = True           # progress bars on stderr
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    defense: dict = field(default_factory=lambda: {"name": "none"})
+    attacks: dict = field(default_factory=lambda: {"inverse_network": {}})
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+                f"'{self.device}' is not auto, cpu or cuda[:N]")
+        build_defenses(self.defense)  # raises ConfigError naming a bad defense field
+        self.attack_params()
+
+    def attack_params(self) -> dict[str, Any]:
+        """Validated parameter objects of every configured attack, in config order."""
+        if not isinstance(self.attacks, dict):
+            raise ConfigError(f"attacks: expected a mapping name -> parameters, got {self.attacks!r}")
+        out = {}
+        for name, params in self.attacks.items():
+            if name not in ATTACKS:
+                raise ConfigError(f"attacks.{name}: unknown attack; registered: {', '.join(ATTACKS.names())}")
+            out[name] = coerce(ATTACKS.get(name).Params, params or {}, f"attacks.{name}")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def defense_label(self) -> str:
+        return build_defenses(self.defense).label
+
+    def run_id(self) -> str:
+        """Stable id: the same resolved config (progress bars aside) always maps to the same run folder."""
+        d = self.to_dict()
+        d.pop("progress")
+        h = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        return f"{self.name}-{self.data.name}-{self.model.name}-{self.defense_label()}-s{self.seed}-{h}"
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value is read as YAML: 3 -> int, 0.1 -> float, [a, b] -> list, true -> bool."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected FIELD=VALUE, e.g. train.epochs=3")
+    key, value = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {assignment!r}: empty field name")
+    node = tree
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {key}: '{'.'.join(parts[:i + 1])}' is not a section")
+        node = nxt
+    node[parts[-1]] = parse_value(value)
+
+
+def config_from_dict(tree: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    tree = copy.deepcopy(tree or {})
+    for a in overrides:
+        apply_override(tree, a)
+    return coerce(RunConfig, tree)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    try:
+        return config_from_dict(tree, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,151 @@
+"""Block-structured models and the split into an edge encoder and a cloud decoder."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..params import ConfigError, require
+from ..registry import Registry
+
+MODELS: Registry[Callable[..., "BlockModel"]] = Registry("model")
+
+
+class BlockModel(nn.Module):
+    """A classifier written as an ordered list of named blocks; any block boundary is a valid cut."""
+
+    def __init__(self, blocks: list[tuple[str, nn.Module]], input_shape: tuple[int, int, int]):
+        super().__init__()
+        if len(blocks) < 2:
+            raise ValueError("a split model needs at least two blocks")
+        self.blocks = nn.Sequential(OrderedDict(blocks))
+        self.input_shape = tuple(input_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+    @property
+    def block_names(self) -> list[str]:
+        return list(self.blocks._modules.keys())
+
+    def cut_index(self, cut: int | str) -> int:
+        """Number of blocks that run on the edge for ``cut`` (1-based index or the name of the last edge block)."""
+        names = self.block_names
+        if isinstance(cut, str) and not cut.lstrip("-").isdigit():
+            if cut not in names:
+                raise ConfigError(f"model.cut: unknown block '{cut}'; blocks: {', '.join(names[:-1])}")
+            k = names.index(cut) + 1
+        else:
+            k = int(cut)
+        if not 1 <= k <= len(names) - 1:
+            raise ConfigError(f"model.cut: {cut} is out of range; valid cuts are 1..{len(names) - 1} "
+                              f"or a block name ({', '.join(names[:-1])})")
+        return k
+
+    @torch.no_grad()
+    def block_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Output shape (without batch) of every block, from one dry run in eval mode."""
+        was = self.training
+        self.eval()
+        p = next(self.parameters())
+        x = torch.zeros((1, *self.input_shape), device=p.device, dtype=p.dtype)
+        out = []
+        for name, blk in self.blocks.named_children():
+            x = blk(x)
+            out.append((name, tuple(x.shape[1:])))
+        self.train(was)
+        return out
+
+
+class Bottleneck(nn.Module):
+    """Narrow 3x3 conv (+BN+ReLU) that shrinks the transmitted channels, as in the CEM/ResSFL setup."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vgg11_bn"
+    cut: Any = 2                       # blocks on the edge (1-based) or the name of the last edge block
+    width: float = 1.0                 # channel multiplier (tiny models for tests: 0.125)
+    bottleneck_channels: int | None = None  # narrow conv at the cut (e.g. 8); null: none
+    sigmoid: bool = False              # sigmoid on the transmitted features (CEM reference option)
+    options: dict = field(default_factory=dict)  # extra constructor arguments of the architecture
+
+    def validate(self) -> None:
+        require(self.name in MODELS, "name", f"unknown model '{self.name}'; registered: {', '.join(MODELS.names())}")
+        require(self.width > 0, "width", "must be positive")
+        require(self.bottleneck_channels is None or self.bottleneck_channels > 0, "bottleneck_channels",
+                "must be positive or null")
+        require(isinstance(self.cut, (int, str)) and not isinstance(self.cut, bool), "cut",
+                "must be a block index or a block name")
+
+
+class SplitModel(nn.Module):
+    """The deployed pair: ``encoder`` (edge) and ``decoder`` (cloud); ``feature_shape`` is what is sent."""
+
+    def __init__(self, backbone: BlockModel, cut: int | str, bottleneck_channels: int | None = None,
+                 sigmoid: bool = False):
+        super().__init__()
+        k = backbone.cut_index(cut)
+        named = list(backbone.blocks.named_children())
+        shapes = backbone.block_shapes()
+        enc: list[tuple[str, nn.Module]] = named[:k]
+        dec: list[tuple[str, nn.Module]] = []
+        if bottleneck_channels is not None:
+            c = shapes[k - 1][1]
+            if len(c) != 3:
+                raise ConfigError(f"model.bottleneck_channels: the cut '{named[k - 1][0]}' outputs a vector {c}, "
+                                  "a conv bottleneck needs a feature map")
+            enc.append(("bottleneck", Bottleneck(c[0], bottleneck_channels)))
+            dec.append(("bottleneck_up", Bottleneck(bottleneck_channels, c[0])))
+        if sigmoid:
+            enc.append(("sigmoid", nn.Sigmoid()))
+        dec += named[k:]
+        self.encoder = nn.Sequential(OrderedDict(enc))
+        self.decoder = nn.Sequential(OrderedDict(dec))
+        self.cut_index = k
+        self.cut_name = named[k - 1][0]
+        self.input_shape = backbone.input_shape
+        self.block_names = backbone.block_names
+        with torch.no_grad():
+            was = self.training
+            self.eval()
+            self.feature_shape = tuple(self.encoder(torch.zeros(1, *self.input_shape)).shape[1:])
+            self.train(was)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+def create_model(name: str, num_classes: int, input_shape: tuple[int, int, int], width: float = 1.0,
+                 **options) -> BlockModel:
+    """Build a registered architecture for ``input_shape`` = (C, H, W)."""
+    try:
+        return MODELS.get(name)(num_classes=num_classes, input_shape=tuple(input_shape), width=width, **options)
+    except TypeError as e:
+        raise ConfigError(f"model.options: {e}") from None
+
+
+def split(model: BlockModel, cut: int | str, bottleneck_channels: int | None = None,
+          sigmoid: bool = False) -> tuple[nn.Sequential, nn.Sequential]:
+    """Cut ``model`` after ``cut`` blocks: returns (encoder, decoder) sharing the model's parameters."""
+    sm = SplitModel(model, cut, bottleneck_channels, sigmoid)
+    return sm.encoder, sm.decoder
+
+
+def build_split_model(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, int, int]) -> SplitModel:
+    backbone = create_model(cfg.name, num_classes, input_shape, cfg.width, **cfg.options)
+    return SplitModel(backbone, cfg.cut, cfg.bottleneck_channels, cfg.sigmoid)
+
+
+def scaled(c: int, width: float) -> int:
+    return max(4, int(round(c * width)))

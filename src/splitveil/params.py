@@ -1,0 +1,141 @@
+"""Typed parameter blocks: turn plain mappings (YAML, --set) into dataclasses with clear errors.
+
+Every configurable component (dataset, model, train, defense, attack) declares its parameters as a
+dataclass; :func:`coerce` validates a mapping against it and names the offending field on error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A configuration field is unknown or has a bad value. The message names the field."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce_value(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce_value(a, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{path}: {value!r} matches none of {[_type_name(a) for a in args]}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        out = [_coerce_value(inner, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return out if origin is list else tuple(out)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return coerce(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            v = float(value)
+        elif isinstance(value, str):
+            try:
+                v = float(value)
+            except ValueError:
+                raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+        else:
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if v != v:
+            raise ConfigError(f"{path}: NaN is not a valid value")
+        return v
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    return value
+
+
+def coerce(cls: type, data: Mapping[str, Any] | None, path: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and bad values raise :class:`ConfigError`."""
+    if data is None:
+        data = {}
+    if dataclasses.is_dataclass(data) and isinstance(data, cls):
+        return data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(
+            f"unknown field '{where}{unknown[0]}'; valid fields: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for k, v in data.items():
+        kwargs[k] = _coerce_value(hints[k], v, f"{path}.{k}" if path else k)
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        try:
+            check()
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    return obj
+
+
+def field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.init}
+
+
+def require(cond: bool, field: str, message: str) -> None:
+    """Raise a ConfigError naming ``field`` unless ``cond`` holds (used in ``validate`` methods)."""
+    if not cond:
+        raise ConfigError(f"{field}: {message}")
+
+
+@dataclasses.dataclass
+class NoParams:
+    """Parameter block of a component that takes none."""

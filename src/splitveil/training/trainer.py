@@ -1,0 +1,183 @@
+"""The one training loop used by every defense (DESIGN.md section 3)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..data import DataBundle
+from ..defenses import DefenseStack, StepContext
+from ..models import SplitModel
+from ..params import require
+from ..utils import atomic_torch_save, progress, rng_state, set_rng_state
+
+log = logging.getLogger("splitveil.train")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 128
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Literal["none", "cosine", "multistep"] = "cosine"
+    milestones: list[int] = field(default_factory=list)  # epochs at which multistep multiplies lr by gamma
+    gamma: float = 0.1
+    grad_clip: float | None = None
+
+    def validate(self) -> None:
+        require(self.epochs >= 0, "epochs", "must be >= 0")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(self.lr > 0, "lr", "must be positive")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be positive or null")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or Inf loss; the message names the term."""
+
+
+class Trainer:
+    """Trains ``model`` (encoder + decoder) under ``defenses``; checkpoints every epoch and resumes exactly."""
+
+    def __init__(self, model: SplitModel, defenses: DefenseStack, data: DataBundle, cfg: TrainConfig,
+                 device: torch.device, seed: int = 0, ckpt_path: str | Path | None = None, show_progress: bool = True,
+                 augment: bool = False):
+        self.model, self.defenses, self.data, self.cfg = model.to(device), defenses.to(device), data, cfg
+        self.device, self.seed, self.show_progress, self.augment = device, seed, show_progress, augment
+        self.ckpt_path = Path(ckpt_path) if ckpt_path else None
+        self.generator = torch.Generator().manual_seed(seed)  # data order and augmentation
+        self.epoch = 0            # number of finished epochs
+        self.global_step = 0
+        self.history: list[dict[str, float]] = []
+        self.rebuild_optimizer()
+
+    # -- optimisation ---------------------------------------------------------------------------------
+    def parameters(self) -> list[torch.nn.Parameter]:
+        seen, out = set(), []
+        for p in list(self.model.parameters()) + self.defenses.trainable_parameters():
+            if id(p) not in seen and p.requires_grad:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+    def rebuild_optimizer(self) -> None:
+        """(Re)create optimizer and schedule, e.g. after a defense changed the model's parameters."""
+        c = self.cfg
+        params = self.parameters()
+        if c.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+        if c.schedule == "cosine":
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, c.epochs))
+        elif c.schedule == "multistep":
+            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, c.milestones, c.gamma)
+        else:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: 1.0)
+        for _ in range(self.epoch):  # keep the schedule's position when rebuilt mid-training
+            self.scheduler.step()
+
+    def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        soft = self.defenses.targets(y, logits.shape[1])
+        if soft is None:
+            return F.cross_entropy(logits, y)
+        return -(soft * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+    def train_epoch(self) -> dict[str, float]:
+        self.model.train()
+        self.defenses.train()
+        epoch = self.epoch
+        self.defenses.on_epoch_start(self, epoch)
+        sums: dict[str, float] = {}
+        n_batches = n_correct = n_seen = 0
+        batches = self.data.batches(self.data.train, self.cfg.batch_size, self.device, shuffle=True,
+                                    generator=self.generator, augment=self.augment, drop_last=True)
+        total = max(1, len(self.data.train) // self.cfg.batch_size)
+        bar = progress(batches, self.show_progress, total=total, desc=f"train {epoch + 1}/{self.cfg.epochs}", leave=False)
+        for x, y in bar:
+            z = self.model.encoder(x)
+            z_sent = self.defenses.transform(z, training=True)
+            logits = self.model.decoder(z_sent)
+            step = StepContext(x, y, z, z_sent, logits, epoch, self.global_step)
+            terms = {"task": self.task_loss(logits, y), **self.defenses.loss(step)}
+            for k, v in terms.items():
+                if not torch.isfinite(v):
+                    raise NonFiniteLossError(f"loss term '{k}' is {float(v)} at epoch {epoch + 1}, step {self.global_step}")
+            loss = sum(terms.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            self.defenses.after_step(step, self)
+            self.global_step += 1
+            n_batches += 1
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            n_correct += int((logits.argmax(1) == y).sum())
+            n_seen += len(y)
+            bar.set_postfix(loss=f"{sums['task'] / n_batches:.3f}", acc=f"{n_correct / max(1, n_seen):.3f}")
+        self.scheduler.step()
+        self.epoch += 1
+        stats = {f"loss.{k}": v / max(1, n_batches) for k, v in sums.items()}
+        stats["train_accuracy"] = n_correct / max(1, n_seen)
+        self.defenses.on_epoch_end(self, epoch)
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "test", batch_size: int = 256) -> float:
+        """Top-1 accuracy with the defenses active as at inference."""
+        self.model.eval()
+        part = getattr(self.data, split)
+        correct = 0
+        for x, y in self.data.batches(part, batch_size, self.device):
+            logits = self.model.decoder(self.defenses.transform(self.model.encoder(x), training=False))
+            correct += int((logits.argmax(1) == y).sum())
+        return correct / max(1, len(part))
+
+    def fit(self, resume: bool = False) -> list[dict[str, float]]:
+        if resume and self.ckpt_path and self.ckpt_path.exists():
+            self.load(self.ckpt_path)
+            log.info("resumed from %s after epoch %d", self.ckpt_path, self.epoch)
+        while self.epoch < self.cfg.epochs:
+            stats = self.train_epoch()
+            stats["epoch"] = self.epoch
+            stats["test_accuracy"] = self.evaluate("test")
+            stats["lr"] = self.optimizer.param_groups[0]["lr"]
+            self.history.append(stats)
+            log.info("epoch %d: %s", self.epoch, {k: round(v, 4) for k, v in stats.items()})
+            if self.ckpt_path:
+                self.save(self.ckpt_path)
+        return self.history
+
+    # -- checkpoints (loaded with weights_only=True: no arbitrary unpickling) ----------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch, "global_step": self.global_step, "history": self.history,
+            "model": self.model.state_dict(), "defenses": self.defenses.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(), "generator": self.generator.get_state(),
+        }
+
+    def save(self, path: str | Path) -> None:
+        atomic_torch_save(self.state(), path)
+
+    def load(self, path: str | Path) -> None:
+        st = torch.load(path, map_location=self.device, weights_only=True)
+        self.defenses.prepare_load(st, self)
+        self.model.load_state_dict(st["model"])
+        self.defenses.load_state_dict(st["defenses"])
+        self.epoch, self.global_step, self.history = st["epoch"], st["global_step"], list(st["history"])
+        self.rebuild_optimizer()
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        set_rng_state(st["rng"])
+        self.generator.set_state(st["generator"])
+
