@@ -37,26 +37,32 @@ def _gaussian_window(size: int, sigma: float, device, dtype) -> torch.Tensor:
 
 def ssim_per_image(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: int = 11,
                    sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
-    """SSIM (Wang et al. 2004) with an 11x11 Gaussian window (sigma 1.5) over the valid region,
-    per channel and then averaged over channels; one value per image. Images smaller than the
-    window use the largest odd window that fits."""
+    """SSIM (Wang et al. 2004) with an 11x11 Gaussian window (sigma 1.5), one value per image.
+
+    The convention of torchmetrics' ``structural_similarity_index_measure``: images are reflect-padded by
+    half a window, the SSIM map is averaged over the whole image and all channels (equal channel weights).
+    Images smaller than the window use the largest odd window that reflect-padding allows."""
     _check(x, y)
     x, y = x.double(), y.double()
     c = x.shape[1]
-    win = min(win_size, *x.shape[-2:])
+    win = min(win_size, 2 * min(x.shape[-2:]) - 1)
     win -= 1 - win % 2
+    pad = (win - 1) // 2
     w = _gaussian_window(win, sigma, x.device, x.dtype).expand(c, 1, win, win)
+    if pad:
+        x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        y = F.pad(y, (pad, pad, pad, pad), mode="reflect")
 
     def filt(t):
         return F.conv2d(t, w, groups=c)
 
     mu_x, mu_y = filt(x), filt(y)
-    sxx = filt(x * x) - mu_x ** 2
-    syy = filt(y * y) - mu_y ** 2
+    sxx = (filt(x * x) - mu_x ** 2).clamp_min(0)
+    syy = (filt(y * y) - mu_y ** 2).clamp_min(0)
     sxy = filt(x * y) - mu_x * mu_y
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     smap = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2))
-    return smap.flatten(2).mean(2).mean(1)
+    return smap.flatten(1).mean(1)
 
 
 def _mean_std(v: torch.Tensor) -> tuple[float, float]:

@@ -116,11 +116,11 @@ class SplitModel(nn.Module):
         self.cut_name = named[k - 1][0]
         self.input_shape = backbone.input_shape
         self.block_names = backbone.block_names
+        was = backbone.training  # the blocks are shared with ``backbone``: leave their mode as it was
         with torch.no_grad():
-            was = self.training
             self.eval()
             self.feature_shape = tuple(self.encoder(torch.zeros(1, *self.input_shape)).shape[1:])
-            self.train(was)
+        self.train(was)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -81,8 +82,10 @@ class Trainer:
             self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, c.milestones, c.gamma)
         else:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: 1.0)
-        for _ in range(self.epoch):  # keep the schedule's position when rebuilt mid-training
-            self.scheduler.step()
+        with warnings.catch_warnings():  # stepping before any optimizer step is intended here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(self.epoch):  # keep the schedule's position when rebuilt mid-training
+                self.scheduler.step()
 
     def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         soft = self.defenses.targets(y, logits.shape[1])

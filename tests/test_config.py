@@ -1,0 +1,66 @@
+import pytest
+
+from splitveil import config_from_dict, load_config
+from splitveil.cli import main
+from splitveil.defenses import build_defenses
+from splitveil.params import ConfigError
+
+
+def test_overrides_reach_every_section(tmp_path):
+    cfg = load_config("configs/quickstart.yaml", ["defense.name=gaussian_noise", "defense.sigma=0.05",
+                                                   "train.epochs=3", "model.cut=conv3", "attacks.inverse_network.lr=0.01"])
+    assert cfg.train.epochs == 3 and cfg.model.cut == "conv3"
+    assert cfg.attack_params()["inverse_network"].lr == 0.01
+    stack = build_defenses(cfg.defense)
+    assert stack.label == "gaussian_noise" and stack.get("gaussian_noise").params.sigma == 0.05
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.epoch=3", "train.epoch"),                      # unknown field
+    ("train.epochs=three", "train.epochs"),                # bad type
+    ("train.optimizer=rmsprop", "train.optimizer"),        # not one of the choices
+    ("train.lr=-1", "lr"),                                 # out of range
+    ("data.name=nope", "name"),
+    ("defense.sigma=0.1", "defense.sigma"),                # no listed defense takes sigma ('none')
+    ("defense.name=foo", "defense.name"),
+    ("attacks.nope.epochs=1", "attacks.nope"),
+    ("attacks.inverse_network.epochs=0", "attacks.inverse_network"),
+    ("bogus=1", "bogus"),
+])
+def test_bad_field_or_value_names_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/quickstart.yaml", [override])
+    assert field in str(e.value)
+
+
+def test_defense_composition_and_scoped_params():
+    s = build_defenses({"name": ["gaussian_noise"], "gaussian_noise": {"sigma": 0.3}})
+    assert s.get("gaussian_noise").params.sigma == 0.3
+    with pytest.raises(ConfigError, match="listed twice"):
+        build_defenses({"name": "gaussian_noise+gaussian_noise"})
+    with pytest.raises(ConfigError, match="sigma"):
+        build_defenses({"name": "gaussian_noise", "sigma": -1})
+
+
+def test_run_id_is_stable_and_config_sensitive():
+    a = config_from_dict({"name": "x"}, ["train.epochs=2"])
+    b = config_from_dict({"name": "x"}, ["train.epochs=2", "progress=false"])
+    c = config_from_dict({"name": "x"}, ["train.epochs=3"])
+    assert a.run_id() == b.run_id() != c.run_id()
+
+
+def test_cli_reports_config_errors(capsys):
+    assert main(["run", "configs/quickstart.yaml", "--set", "train.epoch=3"]) == 2
+    assert "train.epoch" in capsys.readouterr().err
+    assert main(["run", "no/such/config.yaml"]) == 2
+
+
+def test_cli_list_and_blocks(capsys):
+    assert main(["list", "defenses"]) == 0
+    out = capsys.readouterr().out
+    assert "gaussian_noise" in out and "none" in out
+    assert main(["list", "models"]) == 0
+    assert "vgg11_bn" in capsys.readouterr().out
+    assert main(["blocks", "vgg11_bn", "--input", "3,32,32"]) == 0
+    out = capsys.readouterr().out
+    assert "| 2 | conv2 | (128, 8, 8) | 32,768 |" in out
