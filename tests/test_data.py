@@ -65,3 +65,39 @@ def test_bad_data_config_names_the_field():
     with pytest.raises(ConfigError, match="data.root"):
         build_data(DataConfig(name="mnist"))
     assert {"digits", "mnist", "cifar10", "att_faces", "imagefolder"} <= set(DATASETS.names())
+
+
+def test_cifar10_binary_batches_and_mnist_gz_layouts(tmp_path, monkeypatch):
+    """torchvision's CIFAR-10 python batches and gzipped MNIST IDX files, in folders the test creates."""
+    import gzip
+    import pickle
+
+    monkeypatch.setenv("SPLITVEIL_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    batches = tmp_path / "c10" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    for name, n in [(f"data_batch_{i}", 12) for i in range(1, 6)] + [("test_batch", 8)]:
+        with open(batches / name, "wb") as fh:
+            pickle.dump({"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
+                         "labels": [i % 10 for i in range(n)]}, fh)
+    d = build_data(DataConfig(name="cifar10", root=str(tmp_path / "c10"), aux_size=10), seed=0)
+    assert (len(d.train), len(d.test), len(d.aux)) == (50, 8, 10) and d.image_shape == (3, 32, 32)
+    assert d.class_names[0] == "airplane" and d.mean == (0.4914, 0.4822, 0.4465)
+
+    raw = tmp_path / "mn" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+
+    def idx(path, arr):
+        header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
+        with gzip.open(str(path) + ".gz", "wb") as fh:
+            fh.write(header + arr.astype(np.uint8).tobytes())
+
+    imgs = rng.integers(0, 255, (30, 28, 28))
+    idx(raw / "train-images-idx3-ubyte", imgs)
+    idx(raw / "train-labels-idx1-ubyte", np.arange(30) % 10)
+    idx(raw / "t10k-images-idx3-ubyte", imgs[:6])
+    idx(raw / "t10k-labels-idx1-ubyte", np.arange(6) % 10)
+    m = build_data(DataConfig(name="mnist", root=str(tmp_path / "mn"), image_size=28, aux_size=5), seed=0)
+    assert (len(m.train), len(m.test)) == (25, 6)
+    # pixels survive exactly at native size
+    assert torch.equal(m.test.images[:, 0].sort(0).values, torch.from_numpy(imgs[:6].astype(np.uint8)).sort(0).values)

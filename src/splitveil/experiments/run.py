@@ -154,6 +154,8 @@ def _execute(cfg: RunConfig, run_id: str, run_dir: Path, resume: bool) -> dict[s
         "accuracy": accuracy,
         "attacks": attacks,
         "baseline": {"mean_image": mean_image_baseline(data)},
+        "lpips": {"available": False, "reason": "LPIPS needs pretrained backbone weights; splitveil downloads none "
+                                                "and does not compute it yet"},
         "cost": cost,
         "history": history,
         "sizes": {"train": len(data.train), "test": len(data.test), "aux": len(data.aux)},
