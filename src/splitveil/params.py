@@ -6,6 +6,7 @@ dataclass; :func:`coerce` validates a mapping against it and names the offending
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import types
 import typing
 from typing import Any, Mapping
@@ -107,6 +108,9 @@ def coerce(cls: type, data: Mapping[str, Any] | None, path: str = "") -> Any:
         raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    # a field named after a Python keyword is spelled with a trailing underscore (``lambda_``) and is
+    # given in configs under the keyword itself (``lambda: 0.5``)
+    data = {(k + "_" if keyword.iskeyword(k) and k + "_" in fields else k): v for k, v in data.items()}
     unknown = [k for k in data if k not in fields]
     if unknown:
         where = f"{path}." if path else ""
@@ -127,7 +131,9 @@ def coerce(cls: type, data: Mapping[str, Any] | None, path: str = "") -> Any:
 
 
 def field_names(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls) if f.init}
+    """Init field names, plus the keyword spelling of fields like ``lambda_`` (given as ``lambda``)."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    return names | {n[:-1] for n in names if n.endswith("_") and keyword.iskeyword(n[:-1])}
 
 
 def require(cond: bool, field: str, message: str) -> None:
