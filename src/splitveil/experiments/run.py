@@ -138,7 +138,8 @@ def _execute(cfg: RunConfig, run_id: str, run_dir: Path, resume: bool) -> dict[s
         title = f"{data.name} {cfg.model.name} cut={model.cut_name} defense={defenses.label}"
         save_recon_grid(run_dir / "recon.png", originals, recon_rows, title)
 
-    cost = edge_cost(edge, data.image_shape, model.feature_shape, device, cfg.eval.latency_batch, cfg.eval.latency_repeats)
+    cost = edge_cost(edge, data.image_shape, model.feature_shape, device, cfg.eval.latency_batch, cfg.eval.latency_repeats,
+                     params_of=model.encoder)
     timings["total_s"] = time.perf_counter() - t_all
     return {
         "status": "finished",

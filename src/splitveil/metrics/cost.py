@@ -61,9 +61,11 @@ def payload_bytes(feature_shape: tuple[int, ...], dtype: torch.dtype = torch.flo
 
 
 def edge_cost(edge: nn.Module, input_shape: tuple[int, ...], feature_shape: tuple[int, ...], device="cpu",
-              latency_batch: int = 32, latency_repeats: int = 10) -> dict[str, float]:
+              latency_batch: int = 32, latency_repeats: int = 10, params_of: nn.Module | None = None) -> dict[str, float]:
+    """Cost of running ``edge`` on the device. ``params_of`` (default ``edge``) is the module whose parameters are
+    deployed: pass the encoder when the edge holds training-only modules (e.g. a CEM surrogate)."""
     return {
-        "encoder_params": count_params(edge),
+        "encoder_params": count_params(params_of if params_of is not None else edge),
         "encoder_flops": flops_per_image(edge, input_shape, device),
         "latency_ms": latency_ms_per_image(edge, input_shape, device, latency_batch, latency_repeats),
         "payload_bytes": payload_bytes(feature_shape),
