@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import DataBundle
+from ..data import DataBundle, ImageSplit
 from ..defenses import Edge
 from ..params import require
 from ..utils import atomic_torch_save, progress, rng_state, set_rng_state
@@ -25,9 +25,16 @@ class InverseNetworkParams:
     channels: int = 128            # width of the first decoder stage (halved per upsampling, >= 32)
     activation: Literal["auto", "prelu", "tanh", "relu"] = "auto"  # auto: PReLU for maps <= 8x8 (GPZ), else Tanh
     max_seconds: float | None = None   # optional time budget for fitting
+    max_steps: int | None = None       # optional budget of optimisation steps (batches) for fitting
+    # evaluation mode of the CEM reference: "training-time" fits on the aux split and attacks the test split;
+    # "inference-time" fits on a seeded fraction (fit_fraction) of the test split and attacks the rest
+    mode: Literal["training-time", "inference-time"] = "training-time"
+    fit_fraction: float = 0.5
 
     def validate(self) -> None:
         require(self.epochs >= 1, "epochs", "must be >= 1")
+        require(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1 or null")
+        require(0.0 < self.fit_fraction < 1.0, "fit_fraction", "must be in (0, 1)")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
         require(self.lr > 0, "lr", "must be positive")
         require(self.channels >= 4, "channels", "must be >= 4")
@@ -37,8 +44,29 @@ def make_activation(kind: str, channels: int) -> nn.Module:
     return {"prelu": lambda: nn.PReLU(channels), "tanh": nn.Tanh, "relu": lambda: nn.ReLU(inplace=True)}[kind]()
 
 
+def token_grid(n_tokens: int) -> int:
+    """Side of the square patch grid of ``n_tokens`` transformer tokens (n = side^2, or 1 + side^2 with a class
+    token first); 0 if there is none."""
+    for n in (n_tokens, n_tokens - 1):
+        side = math.isqrt(max(n, 0))
+        if n > 0 and side * side == n:
+            return side
+    return 0
+
+
+class TokensToMap(nn.Module):
+    """Tokens (N, T, dim) -> map (N, dim, side, side): drops a leading class token, patch tokens row-major."""
+
+    def __init__(self, n_tokens: int, side: int):
+        super().__init__()
+        self.skip, self.side = n_tokens - side * side, side
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z[:, self.skip:].transpose(1, 2).reshape(z.shape[0], z.shape[2], self.side, self.side)
+
+
 class InversionDecoder(nn.Module):
-    """z (C, h, w) or (d,) -> image (C_x, H, W) in [0, 1]: conv stem, log2(H/h) x2 upsamplings, conv head.
+    """z (C, h, w), tokens (T, dim) or (d,) -> image (C_x, H, W) in [0, 1]: conv stem, log2(H/h) x2 upsamplings, conv head.
 
     ``stage_hook(channels, size)`` may return a module inserted after each stage (attention blocks)."""
 
@@ -47,9 +75,14 @@ class InversionDecoder(nn.Module):
         super().__init__()
         cx, H, W = image_shape
         self.image_size = (H, W)
-        if len(feature_shape) == 1:   # vector features: project to a 4x4 map first
+        if len(feature_shape) == 2 and token_grid(feature_shape[0]):  # ViT tokens (T, dim): patch tokens -> map
+            side = token_grid(feature_shape[0])
+            c_in, h = feature_shape[1], side
+            self.project = TokensToMap(feature_shape[0], side)
+        elif len(feature_shape) <= 2:   # vector features (or tokens without a square grid): project to a 4x4 map
             c_in, h = channels, 4
-            self.project = nn.Sequential(nn.Linear(feature_shape[0], channels * 16), nn.Unflatten(1, (channels, 4, 4)))
+            n_in = math.prod(feature_shape)
+            self.project = nn.Sequential(nn.Flatten(), nn.Linear(n_in, channels * 16), nn.Unflatten(1, (channels, 4, 4)))
         else:
             c_in, h = feature_shape[0], feature_shape[1]
             self.project = nn.Identity()
@@ -85,6 +118,23 @@ class InverseNetworkAttack(Attack):
     name = "inverse_network"
     Params = InverseNetworkParams
 
+    def _test_parts(self, data: DataBundle) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference-time mode: a seeded split of the test indices into (fit, eval) positions."""
+        n = len(data.test)
+        k = min(n - 1, max(1, round(self.params.fit_fraction * n)))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        return perm[:k].sort().values, perm[k:].sort().values
+
+    def fit_split(self, data: DataBundle) -> ImageSplit:
+        if self.params.mode == "inference-time":
+            return data.test.subset(self._test_parts(data)[0])
+        return data.aux
+
+    def eval_split(self, data: DataBundle) -> ImageSplit:
+        if self.params.mode == "inference-time":
+            return data.test.subset(self._test_parts(data)[1])
+        return data.test
+
     def build_decoder(self, feature_shape: tuple[int, ...], image_shape: tuple[int, int, int]) -> nn.Module:
         return InversionDecoder(feature_shape, image_shape, self.params.channels, self.params.activation)
 
@@ -111,20 +161,23 @@ class InverseNetworkAttack(Attack):
         self.decoder = self.build_decoder(feature_shape, data.image_shape).to(self.device)
         self.setup_training(data)
         gen = torch.Generator().manual_seed(self.seed)
-        start_epoch, last = 0, {}
+        start_epoch, last, steps = 0, {}, 0
         ckpt = self.checkpoint_path()
         if ckpt and ckpt.exists():  # resume an interrupted fit
             st = torch.load(ckpt, map_location=self.device, weights_only=True)
             for k, m in self.modules_to_save().items():
                 m.load_state_dict(st[k])
-            start_epoch, last = st["epoch"], st["last"]
+            start_epoch, last, steps = st["epoch"], st["last"], st.get("steps", 0)
             gen.set_state(st["generator"])
             set_rng_state(st["rng"])
         t0 = time.perf_counter()
         bar = progress(range(start_epoch, self.params.epochs), self.show_progress, desc=f"attack {self.name}",
                        initial=start_epoch, total=self.params.epochs, leave=False)
         epochs_done = start_epoch
+        max_steps = self.params.max_steps
         for epoch in bar:
+            if max_steps is not None and steps >= max_steps:
+                break
             self.decoder.train()
             sums, n = {}, 0
             for x, _ in data.batches(split, self.params.batch_size, self.device, shuffle=True, generator=gen):
@@ -133,16 +186,19 @@ class InverseNetworkAttack(Attack):
                 for k, v in self.train_step(z, data.denormalize(x)).items():
                     sums[k] = sums.get(k, 0.0) + v
                 n += 1
+                steps += 1
+                if max_steps is not None and steps >= max_steps:
+                    break
             last = {k: v / max(1, n) for k, v in sums.items()}
             epochs_done = epoch + 1
             bar.set_postfix({k: f"{v:.4f}" for k, v in last.items()})
             if ckpt:
-                atomic_torch_save({"epoch": epochs_done, "last": last, "generator": gen.get_state(), "rng": rng_state(),
+                atomic_torch_save({"epoch": epochs_done, "last": last, "steps": steps, "generator": gen.get_state(), "rng": rng_state(),
                                    **{k: m.state_dict() for k, m in self.modules_to_save().items()}}, ckpt)
             if self.params.max_seconds is not None and time.perf_counter() - t0 > self.params.max_seconds:
                 break
         self.decoder.eval()
-        return {"epochs": epochs_done, **{f"train_{k}": v for k, v in last.items()}}
+        return {"epochs": epochs_done, "steps": steps, "fit_images": len(split), **{f"train_{k}": v for k, v in last.items()}}
 
     @torch.no_grad()
     def invert(self, z: torch.Tensor) -> torch.Tensor:
