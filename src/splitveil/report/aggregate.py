@@ -1,0 +1,174 @@
+"""Grouping of finished runs over seeds: mean and (sample) standard deviation per metric, the fields a sweep
+varied, and the Pareto front of the accuracy-vs-attack-MSE trade-off."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..experiments.store import ResultsStore
+from .tables import flatten_run
+
+# config fields that never define a group (seeds are what a group averages over)
+IGNORED_FIELDS = {"name", "seed", "progress", "device", "data.root", "data.cache", "defense.name"}
+IMAGE_METRICS = ("mse", "psnr", "ssim")
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    dataset: str
+    model: str
+    cut: str
+    defense: str
+    seed: int
+    metrics: dict[str, Any]
+    config: dict[str, Any]              # flattened, dotted keys
+    run_dir: Path | None
+    values: dict[str, float]            # flat numeric metrics (accuracy, <attack>.mse, ...)
+
+
+@dataclass
+class Group:
+    dataset: str
+    model: str
+    cut: str
+    defense: str
+    params: dict[str, Any]              # the varied fields (besides defense and seed) that define this group
+    runs: list[RunRecord] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(r.seed for r in self.runs)
+
+    @property
+    def label(self) -> str:
+        extra = " ".join(f"{k.split('.')[-1]}={_fmt_param(v)}" for k, v in self.params.items() if v is not None)
+        return f"{self.defense} {extra}".strip()
+
+    def stat(self, metric: str) -> tuple[float | None, float | None]:
+        """(mean, sample std with n-1; None for a single run) of ``metric`` over this group's runs."""
+        vals = [r.values[metric] for r in self.runs if r.values.get(metric) is not None]
+        return mean_std(vals)
+
+
+def mean_std(vals: list[float]) -> tuple[float | None, float | None]:
+    if not vals:
+        return None, None
+    m = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return m, None
+    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def _fmt_param(v: Any) -> str:
+    if isinstance(v, list):
+        return "+".join(map(str, v))
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def flatten_config(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in (tree or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten_config(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _results_folder(results: str | Path) -> tuple[Path, Path]:
+    path = Path(results)
+    if path.is_dir():
+        return path, path / "results.sqlite"
+    return path.parent, path
+
+
+def load_runs(results: str | Path) -> list[RunRecord]:
+    """Every finished run of a store, with its flattened config and numeric metrics."""
+    folder, db = _results_folder(results)
+    if not db.exists():
+        raise FileNotFoundError(f"no results store at {db} (run `splitveil run ... --out {folder}` first)")
+    out = []
+    for row in ResultsStore(db).runs("finished"):
+        m = row.get("metrics") or {}
+        flat = flatten_run(row)
+        values = {k: float(v) for k, v in flat.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("seed",)}
+        run_dir = folder / row["run_id"]
+        if not run_dir.exists() and row.get("run_dir"):
+            run_dir = Path(row["run_dir"])
+        out.append(RunRecord(row["run_id"], m.get("dataset", row["dataset"]), m.get("model", row["model"]),
+                             str(m.get("cut", row["cut"])), m.get("defense", row["defense"]), int(row["seed"]), m,
+                             flatten_config(row.get("config") or {}), run_dir if run_dir.exists() else None, values))
+    return out
+
+
+def varying_fields(runs: list[RunRecord]) -> list[str]:
+    """Config fields (besides seed, name, device, data root and defense names) that differ between runs."""
+    keys: list[str] = []
+    for r in runs:
+        keys += [k for k in r.config if k not in keys]
+    out = []
+    for k in keys:
+        if k in IGNORED_FIELDS:
+            continue
+        vals = {json.dumps(r.config.get(k), sort_keys=True, default=str) for r in runs}
+        if len(vals) > 1:
+            out.append(k)
+    return out
+
+
+def group_runs(runs: list[RunRecord], fields: list[str] | None = None) -> list[Group]:
+    """Runs that differ only in their seed form one group; groups are ordered by dataset, defense, params."""
+    fields = varying_fields(runs) if fields is None else fields
+    groups: dict[str, Group] = {}
+    for r in runs:
+        params = {k: r.config.get(k) for k in fields}
+        key = json.dumps([r.dataset, r.model, r.cut, r.defense, params], sort_keys=True, default=str)
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = Group(r.dataset, r.model, r.cut, r.defense, params)
+        g.runs.append(r)
+
+    def order(g: Group):
+        return (g.dataset, g.defense, json.dumps(g.params, sort_keys=True, default=str))
+
+    return sorted(groups.values(), key=order)
+
+
+def attack_names(runs: list[RunRecord]) -> list[str]:
+    names: list[str] = []
+    for r in runs:
+        names += [a for a in (r.metrics.get("attacks") or {}) if a not in names]
+    return names
+
+
+def primary_attack(runs: list[RunRecord], requested: str | None = None) -> str | None:
+    names = attack_names(runs)
+    if requested:
+        if requested not in names:
+            raise ValueError(f"attack '{requested}' is not in these results; recorded: {', '.join(names) or '(none)'}")
+        return requested
+    return "inverse_network" if "inverse_network" in names else (names[0] if names else None)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points not dominated when both coordinates are to be maximised (attack MSE, accuracy):
+    a point is dominated if another is at least as good in both and better in one. Sorted by the first
+    coordinate."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: (points[i][0], -points[i][1]))

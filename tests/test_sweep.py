@@ -1,0 +1,234 @@
+"""Sweeps (local processes and Ray), resume after a killed worker, and the grouped report (md / CSV / LaTeX /
+HTML checked in headless Chromium)."""
+import csv
+import math
+import os
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, tiny_config
+from splitveil.cli import main
+from splitveil.experiments import ResultsStore
+from splitveil.experiments.sweep import expand, load_sweep, run_sweep, sweep_from_dict
+from splitveil.params import ConfigError
+from splitveil.report.aggregate import pareto_front
+from splitveil.report.build import build_report
+
+# a tiny MNIST base (a few seconds per run); the attack is shortened further than tiny_config's
+BASE_OVERRIDES = {"data.train_size": 384, "data.test_size": 64, "data.aux_size": 192,
+                  "attacks.inverse_network.epochs": 2, "attacks.inverse_network.channels": 16}
+
+
+def tiny_sweep(tmp_path: Path, name: str, points=None, grid=None, **over) -> Path:
+    base = tiny_config(**{**BASE_OVERRIDES, **over}).to_dict()
+    tree = {"name": name, "config": base, "grid": grid or {"seed": [0, 1]}}
+    if points is not None:
+        tree["points"] = points
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def store_rows(out: Path) -> dict[str, dict]:
+    return {r["run_id"]: r for r in ResultsStore(out / "results.sqlite").runs()}
+
+
+def test_sweep_file_expansion_and_errors(tmp_path):
+    tree = {"points": [{"defense.name": "none"}, {"defense.name": "gaussian_noise", "defense.sigma": 0.5}],
+            "grid": {"seed": [0, 1, 2], "train.lr": [0.01, 0.003]}}
+    combos = expand(tree)
+    assert len(combos) == 2 * 3 * 2
+    assert combos[0] == {"defense.name": "none", "seed": 0, "train.lr": 0.01}
+    assert combos[-1] == {"defense.name": "gaussian_noise", "defense.sigma": 0.5, "seed": 2, "train.lr": 0.003}
+    base = tiny_config().to_dict()
+    sw = sweep_from_dict({"name": "x", "config": base, **tree}, out=tmp_path)
+    assert len(sw.points) == 12 and len({p.run_id for p in sw.points}) == 12
+    assert all(p.config.progress is False for p in sw.points)
+    p6 = sw.points[6].config
+    assert p6.defense == {"name": "gaussian_noise", "sigma": 0.5} and p6.seed == 0 and p6.train.lr == 0.01
+    # two override sets that resolve to the same config are one run
+    dup = sweep_from_dict({"config": base, "points": [{"seed": 1}, {"seed": 1}]}, out=tmp_path)
+    assert len(dup.points) == 1
+    with pytest.raises(ConfigError, match="unknown sweep field 'grids'"):
+        sweep_from_dict({"config": base, "grids": {}})
+    with pytest.raises(ConfigError, match="grid.seed: expected a non-empty list"):
+        sweep_from_dict({"config": base, "grid": {"seed": 3}})
+    with pytest.raises(ConfigError, match=r"point 0 \(train.epoch=2\).*unknown field 'train.epoch'"):
+        sweep_from_dict({"config": base, "points": [{"train.epoch": 2}]})
+
+
+def test_shipped_sweep_files_resolve_against_the_registries():
+    files = sorted((ROOT / "sweeps").glob("*.yaml"))
+    names = {f.stem for f in files}
+    for stem in ("cifar10_defenses", "cem_tradeoff", "slot_ablation", "gpz_layers"):
+        assert {stem, f"{stem}-cpu"} <= names
+    for f in files:
+        sw = load_sweep(f)   # every point builds a valid config: defenses, params, attacks exist
+        assert len(sw.points) >= 4, f.name
+        assert sw.resources["cpus"] >= 1
+    table1 = load_sweep(ROOT / "sweeps" / "cifar10_defenses-cpu.yaml")
+    labels = {p.config.defense_label() for p in table1.points}
+    for d in ("none", "gaussian_noise", "dropout", "nopeek", "label_smoothing", "patrol", "noise_arl", "topk_prune"):
+        assert any(lab == d or lab.startswith(d + "+") for lab in labels), d
+        assert any(lab.startswith(d) and "cem_gmm" in lab or (d == "none" and lab == "cem_gmm") for lab in labels), d
+
+
+def test_pareto_front():
+    pts = [(0.01, 0.9), (0.02, 0.85), (0.015, 0.8), (0.03, 0.5), (0.02, 0.85), (0.005, 0.95)]
+    # (0.015, 0.8) is dominated by (0.02, 0.85); equal points are both kept; sorted by the first coordinate
+    assert pareto_front(pts) == [5, 0, 1, 4, 3]
+
+
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory, data_root):
+    tmp = tmp_path_factory.mktemp("local")
+    path = tiny_sweep(tmp, "tiny", points=[{"defense.name": "none"},
+                                           {"defense.name": "gaussian_noise", "defense.sigma": 1.0}])
+    sweep = load_sweep(path, out=tmp / "out")
+    res = run_sweep(sweep, backend="local", workers=2, progress=False)
+    return sweep, res
+
+
+def test_local_sweep_one_finished_row_per_point_and_rerun_skips(local_sweep):
+    sweep, res = local_sweep
+    ids = [p.run_id for p in sweep.points]
+    assert len(ids) == 4 and res.complete and sorted(res.finished) == sorted(ids) and res.skipped == []
+    rows = store_rows(sweep.out)
+    assert sorted(rows) == sorted(ids)
+    assert all(r["status"] == "finished" and r["metrics"]["run_id"] == r["run_id"] for r in rows.values())
+    assert res.slots == 2 and all(s > 0 for s in res.run_seconds.values())
+    before = {rid: r["updated"] for rid, r in rows.items()}
+    again = run_sweep(load_sweep(sweep.source, out=sweep.out), workers=2, progress=False)
+    assert sorted(again.skipped) == sorted(ids) and again.ran == [] and again.complete
+    assert {rid: r["updated"] for rid, r in store_rows(sweep.out).items()} == before
+
+
+def _chromium_dom(html_path: Path, tmp: Path) -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp / 'chromium-profile'}", "--virtual-time-budget=5000", "--dump-dom",
+           html_path.resolve().as_uri()]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_report_formats_and_html_in_headless_chromium(local_sweep, tmp_path):
+    sweep, _ = local_sweep
+    assert main(["report", str(sweep.out), "--format", "md,csv", "--format", "latex", "--format", "html",
+                 "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "## mnist" in md and "| defense | sigma | n | accuracy |" in md and " ± " in md
+    assert "report_files/tradeoff_mnist.png" in md and (tmp_path / "report_files" / "tradeoff_mnist.png").stat().st_size > 5000
+    assert (tmp_path / "report_files" / "recon_mnist.png").stat().st_size > 5000
+    assert len((tmp_path / "report.csv").read_text().strip().splitlines()) == 1 + 4
+    tex = (tmp_path / "report.tex").read_text()
+    assert "\\begin{tabular}" in tex and "\\toprule" in tex and "gaussian\\_noise" in tex and "\\pm" in tex
+
+    html = tmp_path / "report.html"
+    text = html.read_text()
+    assert "src=\"http" not in text and "<link" not in text        # self-contained: nothing to fetch
+    dom = _chromium_dom(html, tmp_path)
+    assert 'data-tables="2"' in dom                                 # the summary table and the all-runs table
+    images = int(dom.split('data-images="')[1].split('"')[0])
+    assert images >= 2 and f'data-images-loaded="{images}"' in dom  # every embedded image decoded in the browser
+    assert dom.count("<tr") >= 1 + 2 + 1 + 4 and "gaussian_noise" in dom and "±" in dom
+
+    # the default behaviour is unchanged: the per-run table printed, report.md / report.csv beside the store
+    assert main(["report", str(sweep.out)]) == 0
+    assert (sweep.out / "report.md").read_text().startswith("| run_id | status |")
+
+
+def test_mean_and_std_match_a_direct_computation_from_the_store(local_sweep, tmp_path):
+    sweep, _ = local_sweep
+    build_report(sweep.out, ["csv"], tmp_path)
+    db = sqlite3.connect(sweep.out / "results.sqlite")
+    direct: dict[str, dict[str, list[float]]] = {}
+    import json
+
+    for defense, acc, metrics in db.execute("SELECT defense, accuracy, metrics FROM runs WHERE status='finished'"):
+        m = json.loads(metrics)
+        d = direct.setdefault(defense, {"accuracy": [], "mse": []})
+        d["accuracy"].append(acc)
+        d["mse"].append(m["attacks"]["inverse_network"]["mse"])
+    rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert sorted(r["defense"] for r in rows) == sorted(direct) == ["gaussian_noise", "none"]
+    for r in rows:
+        d = direct[r["defense"]]
+        assert int(r["n"]) == 2 and r["seeds"] == "0 1"
+        assert float(r["accuracy_mean"]) == pytest.approx(statistics.mean(d["accuracy"]), abs=1e-12)
+        assert float(r["accuracy_std"]) == pytest.approx(statistics.stdev(d["accuracy"]), abs=1e-12)
+        assert float(r["inverse_network.mse_mean"]) == pytest.approx(statistics.mean(d["mse"]), rel=1e-12)
+        assert float(r["inverse_network.mse_std"]) == pytest.approx(statistics.stdev(d["mse"]), rel=1e-9)
+        assert not math.isnan(float(r["inverse_network.mse_std"]))
+
+
+def test_killed_worker_then_rerun_finishes_the_rest_and_reruns_nothing_finished(tmp_path, data_root):
+    path = tiny_sweep(tmp_path, "killme", grid={"seed": [0, 1, 2, 3]}, **{"train.epochs": 2})
+    out = tmp_path / "out"
+    sweep = load_sweep(path, out=out)
+    ids = [p.run_id for p in sweep.points]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "splitveil.cli", "sweep", str(path), "--workers", "2",
+                             "--out", str(out), "--no-progress"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    killed = None
+    deadline = time.time() + 120
+    try:
+        while killed is None and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            if not (out / "results.sqlite").exists():
+                continue
+            rows = store_rows(out)
+            if not any(r["status"] == "finished" for r in rows.values()):
+                continue
+            for rid, r in rows.items():   # a point being run right now: its lock file names the worker
+                lock = out / ".locks" / f"{rid}.lock"
+                parts = lock.read_text().split() if lock.exists() else []
+                if r["status"] == "running" and len(parts) == 3 and int(parts[0]) != proc.pid:
+                    os.kill(int(parts[0]), signal.SIGKILL)
+                    killed = rid
+                    break
+        log = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert killed is not None, "no running point to kill was seen"
+    assert proc.returncode == 1 and "worker process died" in log, log
+    rows = store_rows(out)
+    done_first = sorted(rid for rid, r in rows.items() if r["status"] == "finished")
+    assert 1 <= len(done_first) < 4 and killed not in done_first
+    assert rows[killed]["status"] == "interrupted" and "worker process died" in rows[killed]["error"]
+    stamps = {rid: rows[rid]["updated"] for rid in done_first}
+
+    res = run_sweep(load_sweep(path, out=out), workers=2, progress=False)
+    assert sorted(res.skipped) == done_first
+    assert sorted(res.ran) == sorted(set(ids) - set(done_first)) and killed in res.ran
+    rows = store_rows(out)
+    assert sorted(rows) == sorted(ids) and all(r["status"] == "finished" for r in rows.values())
+    assert {rid: rows[rid]["updated"] for rid in done_first} == stamps     # nothing finished was run again
+
+
+def test_ray_backend_local_cluster(tmp_path, data_root):
+    pytest.importorskip("ray")
+    path = tiny_sweep(tmp_path, "ray", points=[{"defense.name": "none"}, {"defense.name": "dropout"}])
+    out = tmp_path / "out"
+    sweep = load_sweep(path, out=out)
+    res = run_sweep(sweep, backend="ray", num_cpus=2, cpus_per_run=1, progress=False)
+    ids = sorted(p.run_id for p in sweep.points)
+    assert res.complete and sorted(res.finished) == ids and res.slots == 2
+    rows = store_rows(out)
+    assert sorted(rows) == ids and all(r["status"] == "finished" for r in rows.values())
+    assert all((out / rid / "metrics.json").exists() for rid in ids)
