@@ -1,0 +1,88 @@
+"""``splitveil gpz CONFIG``: the Golden Partition Zone sweep over every cut of one trained model, and
+``splitveil probe CONFIG --cut N``: the probe values of one cut, without an attack."""
+from __future__ import annotations
+
+from . import add_config_arguments, command, config_from_args
+
+
+def _common(p) -> None:
+    add_config_arguments(p)
+    p.add_argument("--out", default="runs", help="folder of gpz-<run-id>/ sweep folders (default: runs)")
+    p.add_argument("--probe-images", type=int, default=1000,
+                   help="test images whose features the probe uses (default 1000)")
+
+
+@command("gpz", "Golden Partition Zone sweep: probe (R_c^2, entropy bounds, cost) and attack every cut of one model")
+class GPZCommand:
+    @staticmethod
+    def add_arguments(p) -> None:
+        _common(p)
+        p.add_argument("--cuts", default="all", help="'all' (default) or a list of cuts, e.g. 2,4,6 or conv2,conv4")
+        p.add_argument("--no-attack", action="store_true", help="probe only (no inverse-network attack per cut)")
+        p.add_argument("--compare-labels", metavar="FORMS",
+                       help="train one model per label form and overlay them, e.g. onehot,ls+0.3,ls-0.05")
+        p.add_argument("--zone-signal", choices=["probe", "mse"], default="probe",
+                       help="what locates the transition zone (default: probe; mse needs the attack)")
+        p.add_argument("--min-drop", type=float, default=None,
+                       help="smallest relative drop of the within-class fraction that counts as a transition (0.15)")
+
+    @staticmethod
+    def handler(args) -> int:
+        from ..experiments.gpz import MIN_DROP, GPZSweep, markdown_table, run_compare, zone_summary
+        from ..params import ConfigError
+
+        if args.probe_images < 2:
+            raise ConfigError("--probe-images: must be >= 2")
+        cfg = config_from_args(args)
+        min_drop = MIN_DROP if args.min_drop is None else args.min_drop
+        attack = not args.no_attack
+        if args.compare_labels:
+            forms = [f.strip() for f in args.compare_labels.split(",") if f.strip()]
+            res = run_compare(cfg, forms, args.out, args.cuts, attack, args.probe_images, args.zone_signal, min_drop)
+            for form, r in res["results"].items():
+                print(f"## {form}: accuracy {r['accuracy']:.4f}\n\n{markdown_table(r['rows'], r['zone'])}\n\n"
+                      f"{zone_summary(r['zone'])}\n")
+            print(res["table_md"])
+            print(f"comparison in {res['dir']}")
+            return 0
+        sweep = GPZSweep(cfg, args.out, args.probe_images)
+        res = sweep.run(args.cuts, attack, args.zone_signal, min_drop)
+        print(f"{res['dataset']} {res['model']} ({res['defense']}): test accuracy {res['accuracy']:.4f}\n")
+        print(markdown_table(res["rows"], res["zone"]))
+        print(f"\n{zone_summary(res['zone'])}")
+        for note in res["notes"]:
+            print(f"note: {note}")
+        print(f"\nresults in {res['run_dir']}")
+        return 0
+
+
+@command("probe", "probe values (d, R_c^2, sigma_feat^2, entropy bounds, cost) of one cut, no attack")
+class ProbeCommand:
+    @staticmethod
+    def add_arguments(p) -> None:
+        _common(p)
+        p.add_argument("--cut", required=True, help="cut index (blocks on the edge) or block name")
+
+    @staticmethod
+    def handler(args) -> int:
+        from ..experiments.gpz import GPZSweep, parse_cuts
+
+        cfg = config_from_args(args)
+        sweep = GPZSweep(cfg, args.out, args.probe_images).prepare()
+        (k,) = parse_cuts(str(args.cut), sweep.block_names)
+        row = sweep.probe(k)
+        print(f"{sweep.data.name} {cfg.model.name} ({sweep.defenses.label}): test accuracy {sweep.accuracy:.4f}")
+        print(f"cut {k} ({row['block']}), features {tuple(row['shape'])}, {row['probe_images']} test images\n")
+        print("| probe | value |\n|---|---|")
+        vals = [("d", f"{row['d']:,}"), ("R_c^2 mean", f"{row['rc2_mean']:.6g}"), ("R_c^2 std over classes", f"{row['rc2_std']:.4g}"),
+                ("R_c^2 max", f"{row['rc2_max']:.6g}"), ("sigma_feat^2", f"{row['sigma2']:.6g}"),
+                ("within-class fraction", f"{row['within_fraction']:.4f}"),
+                ("d/2 ln(2 pi e sigma_feat^2)", f"{row['h_feat_bound']:.6g}"),
+                ("D/2 ln(2 pi e R_c^2/D) + ln K", f"{row['h_dec_bound']:.6g}"),
+                ("edge params", f"{row['edge_params']:,} ({100 * row['edge_params_share']:.1f}%)"),
+                ("edge FLOPs / image", f"{row['edge_flops']:,} ({100 * row['edge_flops_share']:.1f}%)"),
+                ("payload / image (bytes)", f"{row['payload_bytes']:,}")]
+        for name, v in vals:
+            print(f"| {name} | {v} |")
+        print("\nR_c^2 per class: " + ", ".join(f"{c}: {v:.4g}" for c, v in row["rc2_per_class"].items()))
+        return 0
