@@ -130,7 +130,7 @@ def test_report_formats_and_html_in_headless_chromium(local_sweep, tmp_path):
     assert main(["report", str(sweep.out), "--format", "md,csv", "--format", "latex", "--format", "html",
                  "--out", str(tmp_path)]) == 0
     md = (tmp_path / "report.md").read_text()
-    assert "## mnist" in md and "| defense | sigma | n | accuracy |" in md and " ± " in md
+    assert "## mnist" in md and "| defense | params | n | accuracy |" in md and "| gaussian_noise | sigma=1 | 2 |" in md and " ± " in md
     assert "report_files/tradeoff_mnist.png" in md and (tmp_path / "report_files" / "tradeoff_mnist.png").stat().st_size > 5000
     assert (tmp_path / "report_files" / "recon_mnist.png").stat().st_size > 5000
     assert len((tmp_path / "report.csv").read_text().strip().splitlines()) == 1 + 4

@@ -102,14 +102,27 @@ def build(results: str | Path, attack: str | None = None, figures: bool = True) 
 
 # -- renderers -----------------------------------------------------------------------------------------
 
+def _split_params(sec: DatasetSection) -> tuple[list[str], list[str]]:
+    """Swept defense parameters (shown together in one column) and the other swept fields (one column each)."""
+    return [p for p in sec.params if p.startswith("defense.")], [p for p in sec.params if not p.startswith("defense.")]
+
+
+def _defense_params(g: Group, fields: list[str]) -> str:
+    return " ".join(f"{p[len('defense.'):]}={_fmt_value(g.params[p])}" for p in fields if g.params.get(p) is not None)
+
+
 def _header(sec: DatasetSection) -> list[str]:
-    return ["defense"] + [p.split(".", 1)[-1] if p.startswith("defense.") else p for p in sec.params] + \
-        ["n"] + [m.replace(".", " ") for m in sec.metrics]
+    dfields, other = _split_params(sec)
+    return ["defense"] + (["params"] if dfields else []) + other + ["n"] + [m.replace(".", " ") for m in sec.metrics]
+
+
+def _param_cells(sec: DatasetSection, g: Group) -> list[str]:
+    dfields, other = _split_params(sec)
+    return [g.defense] + ([_defense_params(g, dfields)] if dfields else []) + [_fmt_value(g.params.get(p)) for p in other]
 
 
 def _cells(sec: DatasetSection, g: Group, pm: str = " ± ") -> list[str]:
-    return [g.defense] + [_fmt_value(g.params.get(p)) for p in sec.params] + [str(g.n)] + \
-        [fmt_stat(*g.stat(m), m, pm) for m in sec.metrics]
+    return _param_cells(sec, g) + [str(g.n)] + [fmt_stat(*g.stat(m), m, pm) for m in sec.metrics]
 
 
 def render_markdown(rep: Report, files_dir: str = "report_files") -> str:
@@ -170,10 +183,11 @@ def render_latex(rep: Report) -> str:
         out += ["\\begin{table}[t]", "\\centering", "\\small",
                 f"\\caption{{{tex_escape(sec.dataset)}: accuracy and reconstruction quality per defense "
                 f"(mean $\\pm$ std over seeds).}}", f"\\label{{tab:{_slug(sec.dataset)}}}",
-                "\\begin{tabular}{" + "l" * (1 + len(sec.params)) + "r" + "c" * len(sec.metrics) + "}", "\\toprule",
+                "\\begin{tabular}{" + "l" * (len(hdr) - 1 - len(sec.metrics)) + "r" + "c" * len(sec.metrics) + "}",
+                "\\toprule",
                 " & ".join(tex_escape(h) for h in hdr) + " \\\\", "\\midrule"]
         for g in sec.groups:
-            cells = [tex_escape(c) for c in [g.defense] + [_fmt_value(g.params.get(p)) for p in sec.params] + [str(g.n)]]
+            cells = [tex_escape(c) for c in _param_cells(sec, g) + [str(g.n)]]
             for m in sec.metrics:
                 mean, std = g.stat(m)
                 d = _metric_digits(m)
