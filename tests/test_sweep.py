@@ -232,3 +232,26 @@ def test_ray_backend_local_cluster(tmp_path, data_root):
     rows = store_rows(out)
     assert sorted(rows) == ids and all(r["status"] == "finished" for r in rows.values())
     assert all((out / rid / "metrics.json").exists() for rid in ids)
+
+
+def test_grouping_ablation_fields_and_plots_on_synthetic_runs():
+    from splitveil.report.aggregate import RunRecord, group_runs, varying_fields
+    from splitveil.report.plots import ablation_fields, ablation_plot, tradeoff_plot
+
+    runs = []
+    for sigma, acc, mse in [(0.1, 0.9, 0.01), (0.2, 0.85, 0.02), (0.4, 0.6, 0.015)]:
+        for seed, d in [(0, -0.01), (1, 0.01)]:
+            cfg = {"name": "x", "seed": seed, "data.name": "mnist", "defense.name": "gaussian_noise", "defense.sigma": sigma}
+            runs.append(RunRecord(f"r{sigma}-{seed}", "mnist", "vgg11_bn", "conv1", "gaussian_noise", seed, {}, cfg,
+                                  None, {"accuracy": acc + d, "inverse_network.mse": mse}))
+    assert varying_fields(runs) == ["defense.sigma"]
+    groups = group_runs(runs)
+    assert [g.params["defense.sigma"] for g in groups] == [0.1, 0.2, 0.4] and all(g.n == 2 for g in groups)
+    mean, std = groups[0].stat("accuracy")
+    assert mean == pytest.approx(0.9) and std == pytest.approx(statistics.stdev([0.89, 0.91]))
+    assert groups[0].label == "gaussian_noise sigma=0.1"
+    assert ablation_fields(groups) == ["defense.sigma"]
+    png = ablation_plot(groups, "defense.sigma", "inverse_network")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    png, front = tradeoff_plot(groups, "inverse_network")
+    assert png[:4] == b"\x89PNG" and front == [0, 1]   # sigma 0.4 is beaten by sigma 0.2 in both accuracy and MSE
