@@ -1,0 +1,163 @@
+"""Benchmark: training-step overhead of the CEM defenses (issue 4).
+
+For each CEM variant, the training-step time of ``[gaussian_noise, <cem>]`` divided by the step time of the same
+model with ``gaussian_noise`` only, measured side by side in one process: the VGG11-BN split of
+``configs/cifar10_vgg11_cpu.yaml`` (width 0.5, cut after conv2, 8-channel bottleneck), batch 128, CIFAR-sized
+random inputs, the trainer's own ``train_epoch`` (one loop for everyone). Variants are interleaved round by
+round (each round trains ``--steps`` steps of every variant) and the median over rounds is reported, so slow
+phases of a shared machine hit all variants alike. The between-epoch work (``on_epoch_end``: the k-means refit of
+``cem_gmm`` on a full feature bank) is timed separately and excluded from the step time. CPU always, CUDA too
+when available. Target: each surrogate at most 1.3x the noise-only step on the CPU.
+
+    nice -n 10 python benchmarks/cem_overhead.py                 # defaults: 5 rounds of 4 steps
+    python benchmarks/cem_overhead.py --rounds 3 --steps 2 --devices cpu
+
+Writes ``benchmarks/results/cem_overhead.csv`` and ``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from splitveil.data.base import DataBundle, ImageSplit
+from splitveil.defenses import build_defenses
+from splitveil.models import ModelConfig, build_split_model
+from splitveil.training import TrainConfig, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "noise only": {"name": "gaussian_noise"},
+    "cem_gmm (hinge)": {"name": ["gaussian_noise", "cem_gmm"]},
+    "cem_gmm (logdet)": {"name": ["gaussian_noise", "cem_gmm"], "form": "logdet"},
+    "cem_slot_cross": {"name": ["gaussian_noise", "cem_slot_cross"]},
+    "cem_gated_pool": {"name": ["gaussian_noise", "cem_gated_pool"]},
+}
+
+
+def synthetic_data(n: int, seed: int = 0) -> DataBundle:
+    g = torch.Generator().manual_seed(seed)
+    split = ImageSplit(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                       torch.randint(0, 10, (n,), generator=g), torch.arange(n), "train")
+    return DataBundle("synthetic", split, split, split, 10, [str(i) for i in range(10)], (0.5,) * 3, (0.25,) * 3)
+
+
+def build(variant: dict, data: DataBundle, device, args) -> Trainer:
+    torch.manual_seed(0)
+    model = build_split_model(ModelConfig(name="vgg11_bn", width=args.width, cut="conv2", bottleneck_channels=8),
+                              10, (3, 32, 32))
+    defenses = build_defenses({**variant, "sigma": 0.1})
+    defenses.setup(model, data, device)
+    cfg = TrainConfig(epochs=10 ** 6, batch_size=args.batch, optimizer="adam", lr=1e-3, weight_decay=0.0,
+                      schedule="none")
+    return Trainer(model, defenses, data, cfg, device, show_progress=False)
+
+
+def timed_epoch(trainer: Trainer, device) -> tuple[float, float]:
+    """(seconds per training step excluding on_epoch_end, seconds of on_epoch_end)."""
+    stack = trainer.defenses
+    original = stack.on_epoch_end
+    spent = {}
+
+    def timed(tr, epoch):
+        _sync(device)
+        t = time.perf_counter()
+        original(tr, epoch)
+        _sync(device)
+        spent["end"] = time.perf_counter() - t
+
+    stack.on_epoch_end = timed
+    try:
+        _sync(device)
+        t = time.perf_counter()
+        trainer.train_epoch()
+        _sync(device)
+        total = time.perf_counter() - t
+    finally:
+        del stack.on_epoch_end
+    steps = len(trainer.data.train) // trainer.cfg.batch_size
+    return (total - spent["end"]) / steps, spent["end"]
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(device: str, args) -> list[dict]:
+    data = synthetic_data(args.batch * args.steps)
+    trainers = {k: build(v, data, device, args) for k, v in VARIANTS.items()}
+    for tr in trainers.values():  # warm-up epoch: allocations, the GMM's first refit (its term is then on)
+        timed_epoch(tr, device)
+    steps: dict[str, list[float]] = {k: [] for k in trainers}
+    ends: dict[str, list[float]] = {k: [] for k in trainers}
+    for r in range(args.rounds):
+        for k, tr in trainers.items():
+            s, e = timed_epoch(tr, device)
+            steps[k].append(s)
+            ends[k].append(e)
+        print(f"[{device}] round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {steps[k][-1] * 1e3:.0f} ms" for k in steps),
+              flush=True)
+    # the refit of a *full* bank (bank_size features per class), as at the end of a real epoch
+    gmm = trainers["cem_gmm (hinge)"].defenses.get("cem_gmm")
+    refit = []
+    for _ in range(args.rounds):
+        gmm.bank_count.fill_(gmm.bank.shape[1])
+        gmm.bank.normal_()
+        _sync(device)
+        t = time.perf_counter()
+        gmm.refit()
+        _sync(device)
+        refit.append(time.perf_counter() - t)
+    base = statistics.median(steps["noise only"])
+    rows = []
+    for k in trainers:
+        med = statistics.median(steps[k])
+        rows.append({"device": device, "variant": k, "step_ms": round(med * 1e3, 2),
+                     "ratio_to_noise": round(med / base, 3),
+                     "step_ms_min": round(min(steps[k]) * 1e3, 2), "step_ms_max": round(max(steps[k]) * 1e3, 2),
+                     "epoch_end_ms": round(statistics.median(ends[k]) * 1e3, 2),
+                     "full_refit_ms": round(statistics.median(refit) * 1e3, 2) if k.startswith("cem_gmm") else "",
+                     "batch": args.batch, "rounds": args.rounds, "steps_per_round": args.steps,
+                     "threads": torch.get_num_threads()})
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=4, help="training steps per variant per round")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--width", type=float, default=0.5)
+    ap.add_argument("--devices", default="cpu,cuda")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    rows = []
+    for dev in args.devices.split(","):
+        if dev == "cuda" and not torch.cuda.is_available():
+            print("CUDA not available: skipped")
+            continue
+        rows += run(dev, args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "cem_overhead.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    cols = ["device", "variant", "step_ms", "ratio_to_noise", "step_ms_min", "step_ms_max", "epoch_end_ms",
+            "full_refit_ms"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    note = (f"\nbatch {args.batch}, VGG11-BN x{args.width} cut conv2 + 8-channel bottleneck, 3x32x32 inputs, "
+            f"median of {args.rounds} interleaved rounds of {args.steps} steps; torch threads {torch.get_num_threads()}. "
+            "full_refit_ms: k-means refit of a full bank (512 features per class, 10 classes).\n")
+    (out / "cem_overhead.md").write_text("\n".join(lines) + "\n" + note)
+    print("\n".join(lines) + note)
+
+
+if __name__ == "__main__":
+    main()
