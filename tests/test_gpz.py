@@ -130,6 +130,12 @@ def test_vit_blocks_tokens_and_token_decoder():
     dec = InversionDecoder((65, 32), (3, 32, 32), channels=16)
     assert dec(torch.randn(2, 65, 32)).shape == (2, 3, 32, 32)
     assert InversionDecoder((7, 5), (1, 28, 28), channels=16)(torch.randn(3, 7, 5)).shape == (3, 1, 28, 28)
+    # FLOPs of one transformer block (T tokens, dim d, MLP 2d): every matmul is counted (a multiply-add is 2)
+    from splitveil.metrics import flops_per_image
+    bl = list(m.blocks.children())
+    f1, f2 = (flops_per_image(nn.Sequential(*bl[:k]), (3, 32, 32)) for k in (1, 2))
+    T, d = 65, 32
+    assert f2 - f1 == 2 * T * d * 3 * d + 2 * T * d * d + 2 * 2 * T * T * d + 2 * 2 * T * d * 2 * d
     # patch tokens are laid out as the image's patch grid: token 1 + i*8 + j is patch (i, j)
     from splitveil.attacks.inverse_network import TokensToMap
     t = torch.arange(65, dtype=torch.float32).view(1, 65, 1).expand(1, 65, 2)
@@ -215,3 +221,11 @@ def test_compare_label_forms(tmp_path, data_root):
     lines = (d / "compare.csv").read_text().strip().splitlines()
     assert len(lines) == 1 + 4 and lines[1].startswith("onehot,") and lines[-1].startswith("ls+0.3,")
     assert "| ls+0.3 |" in (d / "compare.md").read_text()
+
+
+def test_vit_sweep_attacks_token_features(tmp_path, data_root):
+    cfg = _cfg(**{"model.name": "vit", "model.width": 0.25, "model.cut": "block2"})
+    res = GPZSweep(cfg, tmp_path, probe_images=64).run("embed,block6", attack=True)
+    assert [(r["block"], tuple(r["shape"])) for r in res["rows"]] == [("embed", (65, 32)), ("block6", (65, 32))]
+    assert all(0 < r["mse"] < 1 for r in res["rows"])
+    assert res["rows"][0]["payload_bytes"] == res["rows"][1]["payload_bytes"] == 65 * 32 * 4

@@ -7,6 +7,7 @@ then the patch tokens in row-major order (the GPZ paper's case where the output 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import MODELS, BlockModel, scaled
@@ -31,21 +32,39 @@ class PatchEmbed(nn.Module):
         return torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1) + self.pos
 
 
+class Attention(nn.Module):
+    """Multi-head self-attention written with explicit projections and matmuls, so that
+    ``torch.utils.flop_counter`` counts all of it (``nn.MultiheadAttention``'s fused inference path and the CPU
+    kernel of ``scaled_dot_product_attention`` are not counted)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = (q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5   # explicit matmuls: counted on every device
+        h = F.dropout(a.softmax(-1), self.dropout, self.training) @ v
+        return self.proj(h.transpose(1, 2).reshape(n, t, d))
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 2.0, dropout: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.attn = Attention(dim, heads, dropout)
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim),
                                  nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
+        x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 
