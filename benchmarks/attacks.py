@@ -54,8 +54,11 @@ def main() -> None:
     ap.add_argument("--rmle-steps", type=int, default=500)
     ap.add_argument("--n-critic", type=int, default=5)
     ap.add_argument("--attack-set", action="append", default=[], help="ATTACK.FIELD=VALUE extra attack parameter")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1 is several times faster than 2 on a shared, loaded 2-core machine)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     cfg = load_config(args.config, [f"data.root={args.data_root}", *args.set])
     device = resolve_device(cfg.device)
@@ -128,5 +131,4 @@ def write(rows: list[dict], out: Path, args, cfg) -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
     main()
