@@ -291,3 +291,18 @@ def test_inference_time_mode_splits_the_test_images(data_root):
     assert not torch.equal(other.fit_split(data).indices, fit.indices)
     result, x01, _ = run_attack(attack, edge, data, seed=0)
     assert result["n_images"] == 36 and x01.shape[0] == 36
+
+
+def test_rmle_checkpoints_finished_batches(tmp_path):
+    data = synthetic_bundle()
+    edge = Edge(nn.Identity(), DefenseStack([])).eval()
+    z = data.normalize(data.test.images.float() / 255)
+    first = RmleAttack(RmleParams(steps=20, batch_size=10), show_progress=False, workdir=tmp_path)
+    first.fit(edge, data)
+    x1 = first.invert(z)
+    assert (tmp_path / "attack_rmle.pt").exists()
+    again = RmleAttack(RmleParams(steps=20, batch_size=10), show_progress=False, workdir=tmp_path)
+    again.fit(edge, data)
+    calls = []
+    again._optimise = lambda zb: calls.append(zb) or zb   # must not be called: every batch is restored
+    assert torch.equal(again.invert(z), x1) and calls == []

@@ -20,7 +20,7 @@ import torch
 from ..data import DataBundle
 from ..defenses import Edge
 from ..params import require
-from ..utils import progress
+from ..utils import atomic_torch_save, progress
 from .base import ATTACKS, Attack
 
 
@@ -76,7 +76,23 @@ class RmleAttack(Attack):
         return {"random_edge": self.random_edge, "noise_samples": self.samples}
 
     def invert(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self._optimise(zb.to(self.device)) for zb in z.split(self.params.batch_size)])
+        return torch.cat([self._resumable(zb.to(self.device)) for zb in z.split(self.params.batch_size)])
+
+    def _resumable(self, z: torch.Tensor) -> torch.Tensor:
+        """Finished batches are checkpointed (keyed by batch number and a fingerprint of z), so an interrupted
+        run resumes after the last finished batch instead of re-optimising it."""
+        ckpt = self.checkpoint_path()
+        key = (self._batch, z.shape[0], float(z.double().sum()), float(z.double().abs().sum()))
+        state = torch.load(ckpt, weights_only=True) if ckpt and ckpt.exists() else {"batches": []}
+        for k, x in state["batches"]:
+            if tuple(k) == key:
+                self._batch += 1
+                return x.to(self.device)
+        x = self._optimise(z)
+        if ckpt:
+            state["batches"].append((list(key), x.cpu()))
+            atomic_torch_save(state, ckpt)
+        return x
 
     def _optimise(self, z: torch.Tensor) -> torch.Tensor:
         p, n = self.params, z.shape[0]
