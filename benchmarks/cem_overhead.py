@@ -83,6 +83,24 @@ def timed_epoch(trainer: Trainer, device) -> tuple[float, float]:
     return (total - spent["end"]) / steps, spent["end"]
 
 
+def step_flops(trainer: Trainer) -> int:
+    """Matmul/conv FLOPs of one training step (forward + backward; torch.utils.flop_counter): a load-independent
+    complement to the wall-clock ratio (element-wise ops are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, y = next(trainer.data.batches(trainer.data.train, trainer.cfg.batch_size, trainer.device))
+    from splitveil.defenses import StepContext
+
+    with FlopCounterMode(display=False) as fc:
+        z = trainer.model.encoder(x)
+        logits = trainer.model.decoder(trainer.defenses.transform(z, training=True))
+        step = StepContext(x, y, z, z, logits, trainer.epoch, trainer.global_step)
+        loss = trainer.task_loss(logits, y) + sum(trainer.defenses.loss(step).values())
+        loss.backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return int(fc.get_total_flops())
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -113,6 +131,7 @@ def run(device: str, args) -> list[dict]:
         gmm.refit()
         _sync(device)
         refit.append(time.perf_counter() - t)
+    flops = {k: step_flops(tr) for k, tr in trainers.items()}
     base = statistics.median(steps["noise only"])
     rows = []
     for k in trainers:
@@ -120,6 +139,7 @@ def run(device: str, args) -> list[dict]:
         rows.append({"device": device, "variant": k, "step_ms": round(med * 1e3, 2),
                      "ratio_to_noise": round(med / base, 3),
                      "step_ms_min": round(min(steps[k]) * 1e3, 2), "step_ms_max": round(max(steps[k]) * 1e3, 2),
+                     "flops_ratio": round(flops[k] / flops["noise only"], 4),
                      "epoch_end_ms": round(statistics.median(ends[k]) * 1e3, 2),
                      "full_refit_ms": round(statistics.median(refit) * 1e3, 2) if k.startswith("cem_gmm") else "",
                      "batch": args.batch, "rounds": args.rounds, "steps_per_round": args.steps,
@@ -134,8 +154,11 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--width", type=float, default=0.5)
     ap.add_argument("--devices", default="cpu,cuda")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     for dev in args.devices.split(","):
         if dev == "cuda" and not torch.cuda.is_available():
@@ -148,7 +171,7 @@ def main(argv=None):
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    cols = ["device", "variant", "step_ms", "ratio_to_noise", "step_ms_min", "step_ms_max", "epoch_end_ms",
+    cols = ["device", "variant", "step_ms", "ratio_to_noise", "step_ms_min", "step_ms_max", "flops_ratio", "epoch_end_ms",
             "full_refit_ms"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]

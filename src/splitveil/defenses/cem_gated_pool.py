@@ -17,6 +17,7 @@ and switches the penalty off; it is kept as an option for comparison.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -64,8 +65,7 @@ class GatedAttentionPool(nn.Module):
 def pooled_hinge(z: torch.Tensor, a: torch.Tensor, mask: torch.Tensor, tau: float, gamma: float):
     """Mean over present groups of mean_d relu(log(var_d + gamma) - log tau) under weights ``a`` (G, N)."""
     mass, mu, var = weighted_stats(z, a)
-    log_tau = torch.log(torch.tensor(tau, dtype=z.dtype, device=z.device))
-    per_group = torch.relu(torch.log(var + gamma) - log_tau).mean(-1)
+    per_group = torch.relu(torch.log(var + gamma) - math.log(tau)).mean(-1)
     present = (mask.sum(1) > 0).to(z.dtype)
     return (per_group * present).sum() / present.sum().clamp_min(1), {"mean": mu, "var": var, "present": present}
 

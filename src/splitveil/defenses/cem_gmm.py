@@ -21,6 +21,7 @@ no centroids and the term is 0.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -54,7 +55,7 @@ def kmeans(x: torch.Tensor, valid: torch.Tensor, init: torch.Tensor, iters: int)
     x2 = (x * x).sum(-1, keepdim=True)
     for _ in range(iters):
         d = x2 - 2 * x @ cent.transpose(1, 2) + (cent * cent).sum(-1).unsqueeze(1)     # (C, P, k)
-        onehot = torch.nn.functional.one_hot(d.argmin(-1), cent.shape[1]).to(x.dtype) * w_valid
+        onehot = (d.argmin(-1).unsqueeze(-1) == torch.arange(cent.shape[1], device=x.device)).to(x.dtype) * w_valid
         counts = onehot.sum(1)                                                           # (C, k)
         sums = onehot.transpose(1, 2) @ x                                                # (C, k, D)
         cent = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), cent)
@@ -85,8 +86,7 @@ def gmm_surrogate(z: torch.Tensor, y: torch.Tensor, centroids: torch.Tensor, fit
     n_c = mass.sum(1)
     pi = mass / n_c.clamp_min(1).unsqueeze(1)
     if form == "hinge":
-        log_tau = torch.log(torch.tensor(tau, dtype=z.dtype, device=z.device))
-        per_class = (pi * torch.relu(torch.log(var + gamma) - log_tau).mean(-1)).sum(1)
+        per_class = (pi * torch.relu(torch.log(var + gamma) - math.log(tau)).mean(-1)).sum(1)
     else:
         per_class = _logdet_class(pi, var, noise_var, reduce)
     present = ((n_c > 0) & fitted).to(z.dtype)
@@ -124,7 +124,7 @@ class CEMGMM(CEMDefense):
     def gather(self, z: torch.Tensor, y: torch.Tensor) -> None:
         """Append a batch's features to the per-class ring buffers (device ops only)."""
         z = flat(z).to(self.bank.dtype)
-        onehot = torch.nn.functional.one_hot(y, self.num_classes)
+        onehot = (y.unsqueeze(1) == torch.arange(self.num_classes, device=y.device)).long()   # no host sync
         rank = (onehot.cumsum(0) - 1).gather(1, y.unsqueeze(1)).squeeze(1)
         pos = (self.bank_count[y] + rank) % self.bank.shape[1]
         self.bank[y, pos] = z

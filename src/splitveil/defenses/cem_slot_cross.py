@@ -32,6 +32,7 @@ spread). With ``surrogate_update: joint`` everything, surrogate included, simply
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -171,8 +172,7 @@ class CEMSlotCross(CEMDefense):
         mass, mu, var = weighted_stats(z, r.reshape(C * S, N))
         mass, mu, var = mass.view(C, S), mu.view(C, S, -1), var.view(C, S, -1)
         var_c = var.clamp(p.var_min, p.var_max)
-        log_tau = torch.log(torch.tensor(self.tau, dtype=z.dtype, device=z.device))
-        base = softplus_margin(torch.log(var_c + p.gamma) - log_tau - p.margin, p.sharpness)      # (C, S, D)
+        base = softplus_margin(torch.log(var_c + p.gamma) - math.log(self.tau) - p.margin, p.sharpness)      # (C, S, D)
         if p.dim_gate:
             g = self.surrogate_net.dim_gate(torch.log(var_c + p.gamma).detach())
             base = base * (grad_reverse(g) if reverse_gate else g)
