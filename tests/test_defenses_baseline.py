@@ -230,19 +230,19 @@ def test_noise_arl_raises_the_simulated_decoders_error(digits):
     common = {"pretrain_epochs": 0, "channels": 16, "decoder_steps": 1}
 
     def curve(weight):
-        model, defenses, trainer = make(digits, {"name": ["gaussian_noise", "noise_arl"], "sigma": 0.05,
-                                                 "noise_arl": {**common, "weight": weight}}, epochs=3)
+        _, defenses, trainer = make(digits, {"name": ["gaussian_noise", "noise_arl"], "sigma": 0.05,
+                                             "noise_arl": {**common, "weight": weight}}, epochs=2)
         trainer.fit()
-        assert not any(p in set(map(id, trainer.parameters())) for p in map(id, defenses.get("noise_arl").decoder.parameters()))
+        decoder = defenses.get("noise_arl").decoder
+        assert not {id(p) for p in decoder.parameters()} & {id(p) for p in trainer.parameters()}
         return defenses.get("noise_arl").decoder_mse, trainer.history
 
-    without, _ = curve(0.0)
-    with_arl, hist = curve(2.0)
-    assert len(with_arl) == len(without) == 3
-    assert without[2] < without[0]                     # undefended: the decoder learns to invert
-    assert with_arl[1] > without[1] and with_arl[2] > without[2]
-    assert with_arl[2] > 1.3 * without[2], (with_arl, without)
-    assert hist[-1]["loss.noise_arl.adv"] < 0           # the term rewards the decoder's MSE
+    without, _ = curve(0.0)      # the same decoder and schedule, no privacy term
+    with_arl, hist = curve(5.0)
+    assert len(with_arl) == len(without) == 2
+    assert without[1] < 0.5 * without[0]               # undefended: the decoder learns to invert
+    assert with_arl[0] > without[0] and with_arl[1] > 1.2 * without[1], (with_arl, without)
+    assert hist[-1]["loss.noise_arl.adv"] > 0          # the decoder's PSNR in bels, minimised by the encoder
 
 
 def test_noise_arl_schedule_and_checkpoint(digits, tmp_path):
