@@ -25,10 +25,12 @@ COLUMNS = ["defense", "sigma", "lambda", "seed", "accuracy", "attack_mse", "atta
 
 
 def grid(sigmas: list[float], lambdas: list[float], variants: list[str]):
+    """Noise only first, then lambda by lambda every variant (a cut-short run still covers every variant)."""
     for s in sigmas:
         yield "noise only", s, None, {"defense.name": "gaussian_noise", "defense.sigma": s}
-        for v in variants:
-            for lam in lambdas:
+    for s in sigmas:
+        for lam in lambdas:
+            for v in variants:
                 yield v, s, lam, {"defense.name": f"[gaussian_noise, {v}]", "defense.sigma": s, "defense.lambda": lam}
 
 
