@@ -220,6 +220,9 @@ def test_patrol_rejects_what_it_cannot_prune(digits):
         build_defenses({"name": "patrol"}).setup(model, digits, torch.device("cpu"))
     with pytest.raises(ConfigError, match="prune_epoch"):
         build_defenses({"name": "patrol", "prune_epoch": 0})
+    _, single, _ = make(digits, {"name": "patrol"}, cut=1)   # the only conv is the transmitted one: nothing to prune
+    info = single.info()["patrol"]
+    assert info["layers"] == [] and not info["pruned"] and "nothing to prune" in info["note"]
     _, _, trainer = make(digits, {"name": "patrol", "prune_epoch": 3}, epochs=2)
     with pytest.raises(ConfigError, match="prune_epoch: 3 is not below train.epochs"):
         trainer.fit()

@@ -16,6 +16,7 @@ Residual encoders (ResNet) and transformers are rejected with a clear error."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+import logging
 from typing import Any, Literal
 
 import torch
@@ -25,6 +26,8 @@ from ..metrics.cost import count_params, flops_per_image
 from ..models.base import Bottleneck
 from ..params import ConfigError, require
 from .base import DEFENSES, Defense, StepContext
+
+log = logging.getLogger("splitveil.defenses.patrol")
 
 _CONTAINERS = (nn.Sequential, Bottleneck)
 _PASS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Identity,
@@ -138,6 +141,9 @@ class Patrol(Defense):
                 continue
             units.append(_Unit(leaf[:3], bn[:3] if bn else None, nxt[:3]))
         self._units = units
+        if not units:
+            log.warning("patrol: the encoder has a single conv, whose channels are transmitted; nothing to prune "
+                        "(set defense.patrol.prune_output: true, cut deeper or add a bottleneck)")
         for j, u in enumerate(units):
             self.register_buffer(f"importance_{j}", torch.zeros(_get(u.conv).out_channels))
         self.register_buffer("pruned", torch.zeros((), dtype=torch.long))
@@ -251,8 +257,10 @@ class Patrol(Defense):
             self._pruned_at = self.params.prune_epoch
 
     def info(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"pruned": bool(int(self.pruned)), "pruned_at_epoch": self._pruned_at,
-                               "layers": [u.conv[2] for u in self._units]}
+        out: dict[str, Any] = {"pruned": bool(int(self.pruned)) and bool(self._units),
+                               "pruned_at_epoch": self._pruned_at, "layers": [u.conv[2] for u in self._units]}
+        if not self._units:
+            out["note"] = "nothing to prune: the encoder's only conv is the transmitted one"
         after = self._after or self._before
         for k in ("channels", "total_channels", "encoder_flops", "encoder_params"):
             out[f"{k}_before"] = self._before[k]
