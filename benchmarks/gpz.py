@@ -62,12 +62,17 @@ def main() -> int:
     p.add_argument("--attack-epochs", type=int, default=4)
     p.add_argument("--attack-channels", type=int, default=32)
     p.add_argument("--forms", default="onehot,ls+0.3")
+    p.add_argument("--attack-cuts", default="all",
+                   help="cuts attacked for the forms after the first (others: probe only), e.g. 6,7,8; default all")
     p.add_argument("--quick", action="store_true", help="a tiny smoke budget")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
 
+    import dataclasses
+
     from splitveil.experiments import config_from_dict
-    from splitveil.experiments.gpz import csv_text, markdown_table, run_compare, zone_summary
+    from splitveil.experiments.gpz import GPZSweep, csv_text, label_form_defense, markdown_table, zone_summary
+    from splitveil.report.gpz_plots import plot_compare
 
     forms = [f.strip() for f in args.forms.split(",") if f.strip()]
     if any(f.startswith("ls") for f in forms):
@@ -75,35 +80,50 @@ def main() -> int:
     tree = budget(args)
     cfg = config_from_dict(tree)
     t0 = time.time()
-    res = run_compare(cfg, forms, RESULTS / "runs", "all", attack=True, probe_images=500)
+    results = {}
+    for i, form in enumerate(forms):
+        sweep = GPZSweep(dataclasses.replace(cfg, defense=label_form_defense(form)), RESULTS / "runs", probe_images=500)
+        if i == 0 or args.attack_cuts == "all":
+            results[form] = sweep.run("all", attack=True)
+        else:   # reduced budget: probe every cut, attack only ``--attack-cuts``
+            sweep.run(args.attack_cuts, attack=True)
+            res = sweep.run("all", attack=False)
+            stored = sweep.load_rows()
+            res["rows"] = [stored[r["cut"]] for r in res["rows"]]
+            from splitveil.experiments.gpz import detect_zone
+            res["zone"] = detect_zone(res["rows"])
+            results[form] = res
     wall = time.time() - t0
     d, t = tree["data"], tree["train"]
     md = [f"# GPZ benchmark ({args.model} x{args.width}, CIFAR-10)\n",
           f"Budget: {d['train_size']} train / {d['test_size']} test / {d['aux_size']} aux images, {t['epochs']} epochs "
           f"Adam 1e-3; inverse network {tree['attacks']['inverse_network']} per cut; probe on 500 test images "
-          f"(or all if fewer). Wall time {wall:.0f} s (cuts finished earlier are reused).\n"]
+          f"(or all if fewer). Attacked cuts for forms after the first: {args.attack_cuts}. "
+          f"Wall time {wall:.0f} s (cuts finished earlier are reused).\n"]
     csv_parts = []
-    for form, r in res["results"].items():
+    for form, r in results.items():
         md.append(f"## {form}: test accuracy {r['accuracy']:.4f}\n\n{markdown_table(r['rows'], r['zone'])}\n\n"
                   f"{zone_summary(r['zone'])}\n\nsweep folder: {r['run_dir']}\n")
         body = csv_text(r["rows"], r["zone"]).splitlines()
         csv_parts += ([("label_form," + body[0])] if not csv_parts else []) + [f"{form},{line}" for line in body[1:]]
-    md.append(res["table_md"])
-    if len(res["results"]) >= 2:
-        names = list(res["results"])
-        a, b = res["results"][names[0]]["rows"], res["results"][names[-1]]["rows"]
+    if len(results) >= 2:
+        names = list(results)
+        a, b = results[names[0]]["rows"], results[names[-1]]["rows"]
+        fm = lambda v: "-" if v is None else f"{v:.4f}"
         lines = [f"\n## deepest cuts: {names[0]} vs {names[-1]}\n",
                  "| cut | block | R_c^2 " + names[0] + " | R_c^2 " + names[-1] + " | within " + names[0] + " | within "
                  + names[-1] + " | MSE " + names[0] + " | MSE " + names[-1] + " |", "|---|---|---|---|---|---|---|---|"]
         for ra, rb in list(zip(a, b))[-3:]:
             lines.append(f"| {ra['cut']} | {ra['block']} | {ra['rc2_mean']:.4g} | {rb['rc2_mean']:.4g} | "
-                         f"{ra['within_fraction']:.4f} | {rb['within_fraction']:.4f} | {ra['mse']:.4f} | {rb['mse']:.4f} |")
+                         f"{ra['within_fraction']:.4f} | {rb['within_fraction']:.4f} | {fm(ra.get('mse'))} | {fm(rb.get('mse'))} |")
         md += lines
+        plot_compare({f: (r["rows"], r["zone"]) for f, r in results.items()}, RESULTS / "gpz_compare.png",
+                     f"{args.model}: label forms")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "gpz.md").write_text("\n".join(md) + "\n")
     (RESULTS / "gpz.csv").write_text("\n".join(csv_parts) + "\n")
     print("\n".join(md))
-    print(f"\nwritten {RESULTS / 'gpz.md'} and {RESULTS / 'gpz.csv'}; plots in {res['dir']}")
+    print(f"\nwritten {RESULTS / 'gpz.md'} and {RESULTS / 'gpz.csv'}")
     return 0
 
 
