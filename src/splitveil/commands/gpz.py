@@ -24,7 +24,7 @@ class GPZCommand:
         p.add_argument("--zone-signal", choices=["probe", "mse"], default="probe",
                        help="what locates the transition zone (default: probe; mse needs the attack)")
         p.add_argument("--min-drop", type=float, default=None,
-                       help="smallest relative drop of the within-class fraction that counts as a transition (0.15)")
+                       help="smallest relative drop of the within-class fraction that counts as a transition (0.10)")
 
     @staticmethod
     def handler(args) -> int:

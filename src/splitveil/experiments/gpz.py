@@ -37,7 +37,7 @@ from .config import RunConfig
 log = logging.getLogger("splitveil.gpz")
 
 MSE_THRESHOLD = 0.02     # the paper's "high-fidelity reconstruction" threshold (MSE on [0, 1] images)
-MIN_DROP = 0.15          # smallest relative drop of the within-class fraction that counts as a transition
+MIN_DROP = 0.10          # smallest relative drop of the within-class fraction that counts as a transition
 ZONE_WIDTH = 0.5         # neighbouring drops of at least this share of the largest one widen the zone
 
 
