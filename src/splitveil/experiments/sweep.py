@@ -223,6 +223,9 @@ def execute_point(config: dict, out: str, force: bool = False, threads: int | No
     run_id = cfg.run_id()
     res: dict[str, Any] = {"run_id": run_id, "status": "", "seconds": 0.0, "error": None, "resumed": False,
                            "pid": os.getpid(), "host": socket.gethostname()}
+    if _STOPPED:  # a local worker that saw Ctrl-C runs none of the calls still queued to it
+        res.update(status="interrupted", error="sweep interrupted")
+        return res
     lp = lock_path(out_p, run_id)
     lp.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
@@ -246,6 +249,7 @@ def execute_point(config: dict, out: str, force: bool = False, threads: int | No
             res["status"] = "finished"
         except KeyboardInterrupt:
             res.update(status="interrupted", error="KeyboardInterrupt")
+            _stop()
         except Exception as e:  # recorded as failed in the store by run_experiment
             res.update(status="failed", error=f"{type(e).__name__}: {e}")
         res["seconds"] = time.perf_counter() - t
@@ -367,11 +371,21 @@ def available_cores() -> int:
 
 
 _WORKER_INDEX = None
+_LOCAL_WORKER = False   # set in local pool workers
+_STOPPED = False        # a local worker interrupted once (Ctrl-C) stops taking work
+
+
+def _stop() -> None:
+    global _STOPPED
+    if _LOCAL_WORKER:
+        _STOPPED = True
 
 
 def _init_worker(threads: int, counter, gpus: int) -> None:
-    global _WORKER_INDEX
+    global _WORKER_INDEX, _LOCAL_WORKER
     import torch
+
+    _LOCAL_WORKER = True
 
     torch.set_num_threads(threads)
     with counter.get_lock():
