@@ -47,6 +47,11 @@ def test_run_id_is_stable_and_config_sensitive():
     b = config_from_dict({"name": "x"}, ["train.epochs=2", "progress=false"])
     c = config_from_dict({"name": "x"}, ["train.epochs=3"])
     assert a.run_id() == b.run_id() != c.run_id()
+    # defaults written out or left implicit resolve to the same run
+    d = config_from_dict({"name": "x"}, ["train.epochs=2", "attacks.inverse_network.epochs=20",
+                                         "defense.name=gaussian_noise"])
+    e = config_from_dict({"name": "x"}, ["train.epochs=2", "defense.name=gaussian_noise", "defense.sigma=0.1"])
+    assert d.run_id() == e.run_id() != a.run_id()
 
 
 def test_cli_reports_config_errors(capsys):

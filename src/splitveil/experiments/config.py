@@ -67,9 +67,14 @@ class RunConfig:
         return build_defenses(self.defense).label
 
     def run_id(self) -> str:
-        """Stable id: the same resolved config (progress bars aside) always maps to the same run folder."""
+        """Stable id: the same resolved config (progress bars aside) always maps to the same run folder.
+
+        Defense and attack parameters are hashed as resolved (defaults filled in), so writing a default
+        value out or leaving it implicit gives the same id."""
         d = self.to_dict()
         d.pop("progress")
+        d["defense"] = {x.name: asdict(x.params) for x in build_defenses(self.defense)}
+        d["attacks"] = {name: asdict(p) for name, p in self.attack_params().items()}
         h = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
         return f"{self.name}-{self.data.name}-{self.model.name}-{self.defense_label()}-s{self.seed}-{h}"
 
