@@ -76,8 +76,8 @@ def main() -> None:
     print(f"data {data.name}: train {len(data.train)} test {len(data.test)} aux {len(data.aux)}; "
           f"mean-aux-image baseline mse {baseline['mse']:.4f}", flush=True)
     rows = []
-    for cut in args.cuts.split(","):
-        for sigma in [float(s) for s in args.sigmas.split(",")]:
+    for sigma in [float(s) for s in args.sigmas.split(",")]:   # noise outer: partial results cover both cuts
+        for cut in args.cuts.split(","):
             seed_everything(cfg.seed)
             mcfg = coerce(ModelConfig, {**vars(cfg.model), "cut": cut})
             model = build_split_model(mcfg, data.num_classes, data.image_shape)
