@@ -20,10 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, TextIO
 
-import yaml
-
 from ..params import ConfigError
-from .config import RunConfig, apply_override, config_from_dict
+from .config import RunConfig, apply_override, config_from_dict, read_yaml_mapping
 from .store import ResultsStore
 
 SWEEP_KEYS = ("name", "description", "base", "config", "set", "points", "grid", "out", "resources")
@@ -143,9 +141,7 @@ def sweep_from_dict(tree: dict, source: Path | None = None, overrides: Iterable[
         base_path = Path(tree["base"])
         if not base_path.is_absolute() and source is not None:
             base_path = source.parent / base_path
-        if not base_path.exists():
-            raise ConfigError(f"base: config file {base_path} does not exist")
-        base = yaml.safe_load(base_path.read_text()) or {}
+        base = read_yaml_mapping(base_path, "base: config file")
     if tree.get("config"):
         if not isinstance(tree["config"], dict):
             raise ConfigError("config: expected an inline run config (a mapping)")
@@ -187,14 +183,7 @@ def _merge(a: dict, b: dict) -> dict:
 
 def load_sweep(path: str | Path, overrides: Iterable[str] = (), out: str | Path | None = None) -> Sweep:
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"sweep file {path} does not exist")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+    tree = read_yaml_mapping(path, "sweep file")
     try:
         return sweep_from_dict(tree, path, overrides, out)
     except ConfigError as e:

@@ -7,14 +7,7 @@ from typing import Any
 
 import torch
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from .figures import finish_figure, pyplot as _plt
 
 
 def _shade(ax, rows: list[dict[str, Any]], zone: dict[str, Any]) -> None:
@@ -60,12 +53,7 @@ def plot_sweep(rows: list[dict[str, Any]], zone: dict[str, Any], path: str | Pat
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=7)
     _xticks(ax, rows)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    finish_figure(fig, path, title)
 
 
 def plot_compare(sweeps: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]], path: str | Path, title: str = "") -> None:
@@ -88,12 +76,7 @@ def plot_compare(sweeps: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]],
         ax.set_ylabel(labels[key])
         ax.legend(fontsize=7)
     _xticks(axes[-1][0], next(iter(sweeps.values()))[0])
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    finish_figure(fig, path, title)
 
 
 def save_recon_strip(path: str | Path, strips: dict[str, dict[str, torch.Tensor]], title: str = "") -> None:

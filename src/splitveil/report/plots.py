@@ -10,13 +10,7 @@ import torch
 from .aggregate import Group, pareto_front
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from .figures import image_grid, pyplot as _plt
 
 
 def _png(fig) -> bytes:
@@ -132,22 +126,9 @@ def recon_comparison(groups: list[Group], attack: str, max_rows: int = 16, max_i
             break
     if originals is None:
         return None
-    plt = _plt()
     all_rows = [("original", originals)] + rows
     n = min(len(originals), min(r.shape[0] for _, r in all_rows))
-    fig, axes = plt.subplots(len(all_rows), n, figsize=(1.1 * n + 2.2, 1.15 * len(all_rows) + 0.4), squeeze=False)
-    for r, (label, imgs) in enumerate(all_rows):
-        for c in range(n):
-            ax = axes[r][c]
-            img = imgs[c].detach().float().cpu().clamp(0, 1)
-            if img.shape[0] == 1:
-                ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
-            else:
-                ax.imshow(img.permute(1, 2, 0).numpy())
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    fig = image_grid(all_rows, n, cell=(1.1, 1.15), label_size=7)
     fig.suptitle(title or f"{attack} reconstructions per defense", fontsize=9)
     fig.tight_layout()
     return _png(fig)
