@@ -6,6 +6,8 @@ from transmitted features). ``fit_split``/``eval_split`` choose which images eac
 """
 from __future__ import annotations
 
+import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,6 +21,15 @@ from ..params import NoParams
 from ..registry import Registry
 
 ATTACKS: Registry[type["Attack"]] = Registry("attack")
+log = logging.getLogger("splitveil.attacks")
+
+
+def inference_split(n: int, fit_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference-time mode: a seeded split of ``n`` test positions into (fit, eval) positions, both sorted.
+    The same (n, fit_fraction, seed) always gives the same split."""
+    k = min(n - 1, max(1, round(fit_fraction * n)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:k].sort().values, perm[k:].sort().values
 
 
 class Attack:
@@ -32,13 +43,22 @@ class Attack:
         self.seed = seed
         self.show_progress = show_progress
         self.workdir = Path(workdir) if workdir else None
+        # the run's shared inference-time split of the test positions, (fit, eval); set by ``share_split``
+        self.test_split: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def inference_time(self) -> bool:
+        return getattr(self.params, "mode", "training-time") == "inference-time"
 
     def fit_split(self, data: DataBundle) -> ImageSplit:
         """Images the attacker learns from (default: the aux split, disjoint from train and test)."""
         return data.aux
 
     def eval_split(self, data: DataBundle) -> ImageSplit:
-        """Images whose transmitted features are attacked and scored (default: the test split)."""
+        """Images whose transmitted features are attacked and scored: the evaluated part of the run's shared
+        split when there is one (every attack of a run is scored on the same images), else the test split."""
+        if self.test_split is not None:
+            return data.test.subset(self.test_split[1])
         return data.test
 
     def fit(self, edge: Edge, data: DataBundle) -> dict[str, Any]:
@@ -89,9 +109,71 @@ def run_attack(attack: Attack, edge: Edge, data: DataBundle, seed: int) -> tuple
     return result, x01, x_hat
 
 
-def mean_image_baseline(data: DataBundle) -> dict[str, float]:
-    """The trivial attacker: predict the mean aux image for every test image."""
-    aux01 = data.aux.images.float() / 255.0
-    test01 = data.test.images.float() / 255.0
-    guess = aux01.mean(0, keepdim=True).expand_as(test01)
-    return image_metrics(guess, test01)
+def share_split(attacks: list[Attack], data: DataBundle, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One split of the test images per run, seeded by the run ``seed`` and shared by every attack.
+
+    When any attack runs in inference-time mode, the test positions are split once into (fit, eval) with its
+    ``fit_fraction`` (inference-time attacks of one run must agree on it); every attack of the run, training-time
+    ones included, is then scored on the same eval positions. Returns the split, or None when every attack is
+    training-time (then all are scored on the whole test split)."""
+    inf = [a for a in attacks if a.inference_time]
+    if not inf:
+        return None
+    fractions = {float(a.params.fit_fraction) for a in inf}
+    if len(fractions) > 1:
+        from ..params import ConfigError
+        names = ", ".join(f"{a.name}={a.params.fit_fraction}" for a in inf)
+        raise ConfigError(f"attacks.<name>.fit_fraction: inference-time attacks of one run share one split of the test "
+                          f"images and must use the same fit_fraction (got {names})")
+    split = inference_split(len(data.test), fractions.pop(), seed)
+    for a in attacks:
+        a.test_split = split
+    return split
+
+
+def mean_image_baseline(data: DataBundle, eval_split: ImageSplit | None = None,
+                        guess_split: ImageSplit | None = None) -> dict[str, float]:
+    """The trivial attacker: predict the mean image of the attacker's data (``guess_split``, default the aux
+    split) for every evaluated image (``eval_split``, default the test split): use the attacks' own splits so
+    that the baseline is scored on the same images as they are."""
+    guess01 = (guess_split or data.aux).images.float() / 255.0
+    eval01 = (eval_split or data.test).images.float() / 255.0
+    guess = guess01.mean(0, keepdim=True).expand_as(eval01)
+    return image_metrics(guess, eval01)
+
+
+# metric -> True when higher is a better reconstruction (the attacker's best is the max), False for the min
+METRIC_DIRECTIONS = {"mse": False, "psnr": True, "ssim": True, "ssim_cem": True}
+
+
+def worst_case(attacks: dict[str, dict[str, Any]], baseline: dict[str, float]) -> dict[str, Any]:
+    """The worst case over the attack suite for the defender: per metric, the attack with the best
+    reconstruction (lowest MSE, highest PSNR / SSIM) and its value; and which attacks fail to beat the
+    mean-image ``baseline`` on MSE (a failed fit must never read as privacy).
+
+    Returns ``{"mse": {"attack": name, "value": v}, "psnr": ..., "ssim": ..., ["ssim_cem": ...],
+    "weak_attacks": [names with mse >= baseline mse], "beats_baseline": bool (the best attack beats it)}``;
+    metrics absent from every attack are left out; an empty suite gives ``{}``."""
+    if not attacks:
+        return {}
+    out: dict[str, Any] = {}
+    for metric, higher in METRIC_DIRECTIONS.items():
+        vals = {n: float(r[metric]) for n, r in attacks.items() if r.get(metric) is not None and math.isfinite(float(r[metric]))}
+        if not vals:
+            continue
+        best = (max if higher else min)(vals, key=lambda n: vals[n])   # ties: the first listed attack
+        out[metric] = {"attack": best, "value": vals[best]}
+    base = float(baseline["mse"])
+    out["weak_attacks"] = [n for n, r in attacks.items() if not float(r["mse"]) < base]
+    out["beats_baseline"] = "mse" in out and out["mse"]["value"] < base
+    out["baseline_mse"] = base
+    return out
+
+
+def weak_attack_warnings(wc: dict[str, Any], attacks: dict[str, dict[str, Any]]) -> list[str]:
+    """A warning line (also logged) for every attack that does not beat the mean-image baseline."""
+    lines = [f"weak attack: '{n}' (mse {float(attacks[n]['mse']):.5f}) does not beat the mean-image baseline "
+             f"(mse {wc['baseline_mse']:.5f}); its number measures a failed fit, not privacy" for n in wc.get("weak_attacks", [])]
+    for line in lines:
+        log.warning(line)
+    return lines

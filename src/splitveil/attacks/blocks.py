@@ -145,17 +145,26 @@ def fft_view(z: torch.Tensor) -> torch.Tensor:
 
 
 class FeatureEnhancer(nn.Module):
-    """z -> enhanced z (GPZ paper, Table 4): optional global normalisation of the input, an FFT view and a
+    """z -> enhanced z (GPZ paper, Table 4): optional normalisation of the input, an FFT view and a
     small dropout-regularised network, each added to z ("residual") or concatenated along the feature axis
-    (channels for maps, the last axis otherwise)."""
+    (channels for maps, the last axis otherwise).
 
-    def __init__(self, feature_shape: tuple[int, ...], normalize: bool = False, fft: str = "none",
+    ``normalize``: "channel" standardises every channel (the last axis for tokens and vectors) with a mean and
+    std over the attacker's features, set by :meth:`set_statistics` (identity until then); "sample"
+    standardises each sample by its own global statistics (discards brightness/contrast); "none" (or False).
+    ``True`` means "sample" (the old behaviour)."""
+
+    def __init__(self, feature_shape: tuple[int, ...], normalize: bool | str = False, fft: str = "none",
                  nn_enrich: str = "none", dropout: float = 0.1, hidden: int = 64):
         super().__init__()
+        normalize = {True: "sample", False: "none"}.get(normalize, normalize) if isinstance(normalize, bool) else normalize
         self.normalize, self.fft, self.nn_mode = normalize, fft, nn_enrich
         self.is_map = len(feature_shape) == 3
         c = feature_shape[0] if self.is_map else feature_shape[-1]
         self.axis = 1 if self.is_map else -1
+        stat_shape = (1, c, 1, 1) if self.is_map else (1,) * (len(feature_shape)) + (c,)
+        self.register_buffer("mu", torch.zeros(stat_shape))
+        self.register_buffer("sd", torch.ones(stat_shape))
         self.net: nn.Module | None = None
         if nn_enrich != "none":
             if self.is_map:
@@ -164,9 +173,18 @@ class FeatureEnhancer(nn.Module):
             else:
                 self.net = nn.Sequential(nn.Linear(c, hidden), nn.PReLU(), nn.Dropout(dropout), nn.Linear(hidden, c))
 
+    @torch.no_grad()
+    def set_statistics(self, z: torch.Tensor) -> None:
+        """Per-channel mean and std of the attacker's features ``z`` (N, *feature_shape)."""
+        dims = [0, 2, 3] if self.is_map else list(range(z.dim() - 1))
+        self.mu.copy_(z.float().mean(dims, keepdim=True).reshape(self.mu.shape))
+        self.sd.copy_(z.float().std(dims, keepdim=True, unbiased=False).clamp_min(1e-5).reshape(self.sd.shape))
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if self.normalize:
+        if self.normalize == "sample":
             z = global_normalize(z)
+        elif self.normalize == "channel":
+            z = (z - self.mu) / self.sd
         parts = [z]
         base = z
         if self.fft == "residual":
@@ -184,4 +202,4 @@ class FeatureEnhancer(nn.Module):
 
     @property
     def active(self) -> bool:
-        return self.normalize or self.fft != "none" or self.net is not None
+        return self.normalize != "none" or self.fft != "none" or self.net is not None

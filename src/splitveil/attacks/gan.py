@@ -1,51 +1,52 @@
 """GAN inversion: the inverse-network decoder (the generator) trained with a weighted reconstruction loss
 plus an adversarial loss from a WGAN-GP critic on the attacker's aux images (Gulrajani et al. 2017),
-optionally initialised from a fitted inverse network.
+initialised from a fitted inverse network by default (the run's own when it has one), fine-tuned with cosine
+schedules on both optimisers; every critic update draws a fresh batch of the attacker's data.
 
 Generator objective: rec_weight * MSE(G(z), x) - adv_weight * D(G(z)); with adv_weight = 0 it is the inverse
 network's objective (scaled by rec_weight). Critic objective: D(G(z)) - D(x) + gp_weight * (||grad D(x_mix)|| - 1)^2.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import DataBundle
+from ..data import DataBundle, ImageSplit
 from ..defenses import Edge
 from ..params import require
 from .base import ATTACKS
-from .inverse_network import InverseNetworkAttack, InverseNetworkParams
+from .inverse_network import InverseNetworkAttack, InverseNetworkParams, cosine_schedule
 
 
 @dataclass
 class GanParams(InverseNetworkParams):
-    lr: float = 2e-4            # generator (decoder) Adam lr; beta1 0.5 (GPZ / DCGAN practice)
+    epochs: int = 10            # fine-tuning epochs after the warm start
+    lr: float = 2e-4            # generator (decoder) Adam lr; beta1 0.5 (GPZ / DCGAN practice), cosine schedule
     beta1: float = 0.5
     rec_weight: float = 1.0     # weight of the reconstruction (MSE) loss
     adv_weight: float = 1e-3    # weight of the adversarial loss; 0 reduces to the inverse network objective
     critic_lr: float = 1e-4     # WGAN-GP paper: Adam lr 1e-4, betas (0, 0.9), 5 critic steps, lambda 10
     critic_beta1: float = 0.0
     critic_beta2: float = 0.9
-    n_critic: int = 5           # critic updates per generator update (on the current batch)
+    n_critic: int = 5           # critic updates per generator update, each on a fresh batch of the attacker's data
     gp_weight: float = 10.0
     critic_channels: int = 64
-    init_from_inverse: bool = False  # start from a fitted inverse network (the run's, if shape-compatible)
-    init_epochs: int = 10       # epochs of the inverse network fitted first when none is available
+    init_from_inverse: bool = True   # start from a fitted inverse network (the run's, if shape-compatible)
+    init_epochs: int | None = None   # epochs of the inverse network fitted first when the run has none (None: its default)
 
     def validate(self) -> None:
         super().validate()
-        require(0.0 <= self.beta1 < 1.0, "beta1", "must be in [0, 1)")
         require(self.rec_weight >= 0 and self.adv_weight >= 0, "adv_weight", "weights must be >= 0")
         require(self.rec_weight > 0 or self.adv_weight > 0, "rec_weight", "rec_weight and adv_weight cannot both be 0")
         require(self.critic_lr > 0, "critic_lr", "must be positive")
         require(self.n_critic >= 1, "n_critic", "must be >= 1")
         require(self.gp_weight >= 0, "gp_weight", "must be >= 0")
         require(self.critic_channels >= 4, "critic_channels", "must be >= 4")
-        require(self.init_epochs >= 1, "init_epochs", "must be >= 1")
+        require(self.init_epochs is None or self.init_epochs >= 1, "init_epochs", "must be >= 1 or null")
 
 
 class Critic(nn.Module):
@@ -75,7 +76,8 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) 
     return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
 
-@ATTACKS.register("gan", "decoder trained with reconstruction loss + WGAN-GP adversarial loss (critic on aux images)")
+@ATTACKS.register("gan", "decoder trained with reconstruction loss + WGAN-GP adversarial loss (critic on aux images), "
+                  "warm-started from the fitted inverse network")
 class GanAttack(InverseNetworkAttack):
     name = "gan"
     Params = GanParams
@@ -84,42 +86,68 @@ class GanAttack(InverseNetworkAttack):
 
     def generator_loss(self, x_hat: torch.Tensor, x01: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         rec = F.mse_loss(x_hat, x01)
+        if self.params.adv_weight == 0:
+            return self.params.rec_weight * rec, {"mse": float(rec.detach())}
         adv = -self.critic(x_hat).mean()
         loss = self.params.rec_weight * rec + self.params.adv_weight * adv
         return loss, {"mse": float(rec.detach()), "g_adv": float(adv.detach())}
 
-    def setup_training(self, data: DataBundle) -> None:
+    def initial_state(self) -> dict[str, torch.Tensor] | None:
+        return self._init_state
+
+    def setup_training(self, data: DataBundle, total_steps: int) -> None:
         p = self.params
-        if self._init_state is not None:
-            self.decoder.load_state_dict(self._init_state)
+        super().setup_training(data, total_steps)   # generator: AdamW + schedule
         self.critic = Critic(data.image_shape, p.critic_channels).to(self.device)
-        self.optimizer = torch.optim.Adam(self.decoder.parameters(), lr=p.lr, betas=(p.beta1, 0.999))
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=p.critic_lr, betas=(p.critic_beta1, p.critic_beta2))
+        if p.schedule == "cosine":
+            self.schedulers.append(cosine_schedule(self.critic_optimizer, total_steps))
+
+    def _critic_stream(self, edge: Edge, data: DataBundle, split: ImageSplit) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless shuffled batches (z as the edge sends it, x in [0, 1]) of the attacker's training images,
+        independent of the generator's batches: every critic step sees a fresh batch."""
+        gen = torch.Generator().manual_seed(self.seed + 23)
+        while True:
+            for x, _ in data.batches(split, self.params.batch_size, self.device, shuffle=True, generator=gen):
+                with torch.no_grad():
+                    z = edge(x)
+                yield z, data.denormalize(x)
+
+    def train_epochs(self, edge, data, split, val_data, warm=False):
+        self._stream = self._critic_stream(edge, data, split)
+        return super().train_epochs(edge, data, split, val_data, warm)
+
+    def critic_step(self) -> dict[str, float]:
+        z, real = next(self._stream)
+        with torch.no_grad():
+            fake = self.decoder(z)
+        wdist = self.critic(real).mean() - self.critic(fake).mean()
+        gp = gradient_penalty(self.critic, real, fake)
+        d_loss = -wdist + self.params.gp_weight * gp
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.critic_optimizer.step()
+        return {"d_loss": float(d_loss.detach()), "wdist": float(wdist.detach()), "gp": float(gp.detach())}
 
     def train_step(self, z: torch.Tensor, x01: torch.Tensor) -> dict[str, float]:
         p = self.params
-        x_hat = self.decoder(z)          # one forward pass: BatchNorm statistics move exactly as in inverse_network
-        fake = x_hat.detach()
-        for _ in range(p.n_critic):
-            wdist = self.critic(x01).mean() - self.critic(fake).mean()
-            gp = gradient_penalty(self.critic, x01, fake)
-            d_loss = -wdist + p.gp_weight * gp
-            self.critic_optimizer.zero_grad(set_to_none=True)
-            d_loss.backward()
-            self.critic_optimizer.step()
-        for q in self.critic.parameters():
-            q.requires_grad_(False)
-        loss, info = self.generator_loss(x_hat, x01)
+        d_info: dict[str, float] = {}
+        if p.adv_weight > 0:   # with adv_weight 0 the critic cannot change the generator: not trained
+            for _ in range(p.n_critic):
+                d_info = self.critic_step()
+            for q in self.critic.parameters():
+                q.requires_grad_(False)
+        loss, info = self.generator_loss(self.decoder(z), x01)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        for q in self.critic.parameters():
-            q.requires_grad_(True)
-        return {**info, "g_loss": float(loss.detach()), "d_loss": float(d_loss.detach()), "wdist": float(wdist.detach())}
+        if p.adv_weight > 0:
+            for q in self.critic.parameters():
+                q.requires_grad_(True)
+        return {**info, "g_loss": float(loss.detach()), **d_info}
 
     def modules_to_save(self) -> dict[str, Any]:
-        return {"decoder": self.decoder, "optimizer": self.optimizer, "critic": self.critic,
-                "critic_optimizer": self.critic_optimizer}
+        return {**super().modules_to_save(), "critic": self.critic, "critic_optimizer": self.critic_optimizer}
 
     def fit(self, edge: Edge, data: DataBundle) -> dict[str, Any]:
         self._init_state, info = None, {}
@@ -130,20 +158,24 @@ class GanAttack(InverseNetworkAttack):
         return {**out, **info}
 
     def _inverse_init(self, edge: Edge, data: DataBundle) -> tuple[dict, dict[str, Any]]:
-        """Decoder weights of a fitted inverse network: the run's ``attack_inverse_network.pt`` when it has the
-        same architecture, else a fresh inverse network fitted here for ``init_epochs`` epochs."""
+        """Decoder weights of a fitted inverse network: the run's ``attack_inverse_network.pt`` (its selected
+        epoch) when it has the same architecture, else a fresh inverse network with this decoder's
+        architecture fitted here (``init_epochs``, default the inverse network's default budget)."""
         p = self.params
         prev = self.workdir / "attack_inverse_network.pt" if self.workdir else None
         if prev and prev.exists():
-            state = torch.load(prev, map_location=self.device, weights_only=True)["decoder"]
+            st = torch.load(prev, map_location=self.device, weights_only=True)
+            state = st.get("best") or st["decoder"]
             with torch.no_grad():
                 z0 = edge(data.to_model_input(self.fit_split(data).images[:1], self.device))
             probe = self.build_decoder(tuple(z0.shape[1:]), data.image_shape)
             if {k: v.shape for k, v in probe.state_dict().items()} == {k: v.shape for k, v in state.items()}:
                 return state, {"init": "run's inverse_network"}
-        inv_params = InverseNetworkParams(epochs=p.init_epochs, batch_size=p.batch_size, lr=1e-3, channels=p.channels,
-                                          activation=p.activation, max_seconds=p.max_seconds, mode=p.mode,
-                                          fit_fraction=p.fit_fraction)
-        inv = InverseNetworkAttack(inv_params, device=self.device, seed=self.seed, show_progress=self.show_progress)
+        shared = {f.name: getattr(p, f.name) for f in fields(InverseNetworkParams)}
+        defaults = InverseNetworkParams()
+        shared.update(epochs=p.init_epochs or defaults.epochs, lr=defaults.lr, beta1=defaults.beta1)
+        inv = InverseNetworkAttack(InverseNetworkParams(**shared), device=self.device, seed=self.seed,
+                                   show_progress=self.show_progress)
+        inv.test_split = self.test_split
         inv.fit(edge, data)
-        return {k: v.detach().clone() for k, v in inv.decoder.state_dict().items()}, {"init": f"inverse_network fitted {p.init_epochs} epochs"}
+        return inv.selected_state(), {"init": f"inverse_network fitted {shared['epochs']} epochs"}

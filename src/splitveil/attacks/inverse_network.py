@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -14,30 +15,42 @@ from ..data import DataBundle, ImageSplit
 from ..defenses import Edge
 from ..params import require
 from ..utils import atomic_torch_save, progress, rng_state, set_rng_state
-from .base import ATTACKS, Attack
+from .base import ATTACKS, Attack, inference_split, transmitted
 
 
 @dataclass
 class InverseNetworkParams:
-    epochs: int = 20
+    epochs: int = 40                   # see docs/attacks.md for how the default budget was established
     batch_size: int = 64
     lr: float = 1e-3
-    channels: int = 128            # width of the first decoder stage (halved per upsampling, >= 32)
-    activation: Literal["auto", "prelu", "tanh", "relu"] = "auto"  # auto: PReLU for maps <= 8x8 (GPZ), else Tanh
+    beta1: float = 0.9
+    weight_decay: float = 1e-4         # decoupled (AdamW)
+    schedule: Literal["cosine", "none"] = "cosine"   # per step, over the whole budget
+    arch: Literal["residual", "plain"] = "residual"  # plain: the old 5-layer conv/deconv decoder
+    channels: int | None = None        # width of the first stage; None: clamp(C_in / 2, 64, 256); halved per upsampling (>= 32)
+    blocks: int = 4                    # residual blocks before the upsampling stages (residual arch)
+    activation: Literal["auto", "prelu", "tanh", "relu"] = "auto"  # auto: PReLU for maps <= 8x8 (GPZ), else ReLU (Tanh: plain)
+    val_fraction: float = 0.1          # of the attacker's images held out to choose the epoch (never test images)
+    select: Literal["best", "last"] = "best"  # keep the epoch with the lowest held-out MSE, or the last one
     max_seconds: float | None = None   # optional time budget for fitting
     max_steps: int | None = None       # optional budget of optimisation steps (batches) for fitting
     # evaluation mode of the CEM reference: "training-time" fits on the aux split and attacks the test split;
     # "inference-time" fits on a seeded fraction (fit_fraction) of the test split and attacks the rest
+    # (in a run, one split seeded by the run seed is shared by every attack)
     mode: Literal["training-time", "inference-time"] = "training-time"
-    fit_fraction: float = 0.5
+    fit_fraction: float = 0.9
 
     def validate(self) -> None:
         require(self.epochs >= 1, "epochs", "must be >= 1")
         require(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1 or null")
         require(0.0 < self.fit_fraction < 1.0, "fit_fraction", "must be in (0, 1)")
+        require(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
         require(self.lr > 0, "lr", "must be positive")
-        require(self.channels >= 4, "channels", "must be >= 4")
+        require(0.0 <= self.beta1 < 1.0, "beta1", "must be in [0, 1)")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(self.channels is None or self.channels >= 4, "channels", "must be >= 4 or null")
+        require(0 <= self.blocks <= 16, "blocks", "must be in [0, 16]")
 
 
 def make_activation(kind: str, channels: int) -> nn.Module:
@@ -65,13 +78,36 @@ class TokensToMap(nn.Module):
         return z[:, self.skip:].transpose(1, 2).reshape(z.shape[0], z.shape[2], self.side, self.side)
 
 
+def auto_width(c_in: int) -> int:
+    """The decoder's first-stage width for ``c_in`` input channels: clamp(C_in / 2, 64, 256)."""
+    return int(min(256, max(64, c_in // 2)))
+
+
+class ResidualBlock(nn.Module):
+    """act(x + BN(conv(act(BN(conv(x))))))."""
+
+    def __init__(self, channels: int, act: str):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+                                  make_activation(act, channels),
+                                  nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels))
+        self.act = make_activation(act, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.body(x))
+
+
 class InversionDecoder(nn.Module):
-    """z (C, h, w), tokens (T, dim) or (d,) -> image (C_x, H, W) in [0, 1]: conv stem, log2(H/h) x2 upsamplings, conv head.
+    """z (C, h, w), tokens (T, dim) or (d,) -> image (C_x, H, W) in [0, 1]: a stem at the feature map's size,
+    log2(H/h) x2 upsamplings (transposed convs, width halved, >= 32), a conv head and a sigmoid.
 
-    ``stage_hook(channels, size)`` may return a module inserted after each stage (attention blocks)."""
+    ``arch="residual"`` (default): conv stem of width ``channels`` (None: clamp(C_in / 2, 64, 256)), ``blocks``
+    residual blocks, and one residual block after every upsampling. ``arch="plain"``: the old two-conv stem
+    and bare upsamplings (5 layers at 8x8 -> 32x32). ``stage_hook(channels, size)`` may return a module
+    inserted after each stage (attention blocks)."""
 
-    def __init__(self, feature_shape: tuple[int, ...], image_shape: tuple[int, int, int], channels: int = 128,
-                 activation: str = "auto", stage_hook=None):
+    def __init__(self, feature_shape: tuple[int, ...], image_shape: tuple[int, int, int], channels: int | None = 128,
+                 activation: str = "auto", stage_hook=None, arch: str = "plain", blocks: int = 0):
         super().__init__()
         cx, H, W = image_shape
         self.image_size = (H, W)
@@ -79,25 +115,38 @@ class InversionDecoder(nn.Module):
             side = token_grid(feature_shape[0])
             c_in, h = feature_shape[1], side
             self.project = TokensToMap(feature_shape[0], side)
+            width = channels or auto_width(c_in)
         elif len(feature_shape) <= 2:   # vector features (or tokens without a square grid): project to a 4x4 map
-            c_in, h = channels, 4
             n_in = math.prod(feature_shape)
-            self.project = nn.Sequential(nn.Flatten(), nn.Linear(n_in, channels * 16), nn.Unflatten(1, (channels, 4, 4)))
+            width = channels or auto_width(n_in // 16 if n_in >= 16 else 1)
+            c_in, h = width, 4
+            self.project = nn.Sequential(nn.Flatten(), nn.Linear(n_in, width * 16), nn.Unflatten(1, (width, 4, 4)))
         else:
             c_in, h = feature_shape[0], feature_shape[1]
             self.project = nn.Identity()
-        act = activation if activation != "auto" else ("prelu" if h <= 8 else "tanh")
+            width = channels or auto_width(c_in)
+        residual = arch == "residual"
+        act = activation if activation != "auto" else ("prelu" if h <= 8 else ("relu" if residual else "tanh"))
         n_up = max(0, round(math.log2(max(H, 1) / max(h, 1))))
-        c = channels
-        layers: list[nn.Module] = [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), make_activation(act, c),
-                                   nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), make_activation(act, c)]
+        c = width
+        if residual:
+            layers: list[nn.Module] = [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), make_activation(act, c)]
+            layers += [ResidualBlock(c, act) for _ in range(blocks)]
+        else:
+            layers = [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), make_activation(act, c),
+                      nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), make_activation(act, c)]
         size = h
         if stage_hook:
             layers.append(stage_hook(c, size))
         for _ in range(n_up):
             c_out = max(32, c // 2)
-            layers += [nn.ConvTranspose2d(c, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), make_activation(act, c_out)]
-            c, size = c_out, size * 2
+            size *= 2
+            # small maps keep the stem's activation, larger ones (> 8x8) ReLU (residual) / Tanh (plain) under "auto"
+            a = ("prelu" if size <= 8 else "relu") if residual and activation == "auto" else act
+            layers += [nn.ConvTranspose2d(c, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), make_activation(a, c_out)]
+            if residual:
+                layers.append(ResidualBlock(c_out, a))
+            c = c_out
             if stage_hook:
                 layers.append(stage_hook(c, size))
         self.body = nn.Sequential(*layers)
@@ -110,20 +159,27 @@ class InversionDecoder(nn.Module):
         return torch.sigmoid(self.head(h))
 
 
-@ATTACKS.register("inverse_network", "decoder attack: conv/deconv inversion network trained on aux (z, x) pairs with MSE")
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step cosine decay of every group's lr from its initial value to 0 over ``total_steps``."""
+    total = max(1, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+
+
+@ATTACKS.register("inverse_network", "decoder attack: residual inversion network trained on aux (z, x) pairs with MSE")
 class InverseNetworkAttack(Attack):
-    """Subclasses change ``build_decoder`` (architecture) or ``train_step`` (objective); the fitting loop,
-    its progress bar, time budget and per-epoch checkpoints are shared."""
+    """Subclasses change ``build_decoder`` (architecture), ``setup_training`` (optimisers) or ``train_step``
+    (objective); the fitting loop (``train_epochs``), held-out epoch selection, budgets and per-epoch
+    checkpoints are shared."""
 
     name = "inverse_network"
     Params = InverseNetworkParams
 
     def _test_parts(self, data: DataBundle) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inference-time mode: a seeded split of the test indices into (fit, eval) positions."""
-        n = len(data.test)
-        k = min(n - 1, max(1, round(self.params.fit_fraction * n)))
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-        return perm[:k].sort().values, perm[k:].sort().values
+        """Inference-time mode: the run's shared split (``test_split``), or a split seeded by this attack's
+        seed when it is used on its own."""
+        if self.test_split is not None:
+            return self.test_split
+        return inference_split(len(data.test), self.params.fit_fraction, self.seed)
 
     def fit_split(self, data: DataBundle) -> ImageSplit:
         if self.params.mode == "inference-time":
@@ -133,13 +189,30 @@ class InverseNetworkAttack(Attack):
     def eval_split(self, data: DataBundle) -> ImageSplit:
         if self.params.mode == "inference-time":
             return data.test.subset(self._test_parts(data)[1])
-        return data.test
+        return super().eval_split(data)
+
+    def train_val_parts(self, split: ImageSplit) -> tuple[ImageSplit, ImageSplit | None]:
+        """The attacker's images split (seeded) into a training part and a held-out ``val_fraction`` part that
+        chooses the epoch; no held-out part when val_fraction is 0 or there are fewer than 10 images."""
+        n = len(split)
+        k = int(round(self.params.val_fraction * n))
+        if k < 1 or n < 10:
+            return split, None
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 17))
+        return split.subset(perm[k:].sort().values), split.subset(perm[:k].sort().values)
 
     def build_decoder(self, feature_shape: tuple[int, ...], image_shape: tuple[int, int, int]) -> nn.Module:
-        return InversionDecoder(feature_shape, image_shape, self.params.channels, self.params.activation)
+        p = self.params
+        return InversionDecoder(feature_shape, image_shape, p.channels if p.arch == "residual" else (p.channels or 128),
+                                p.activation, arch=p.arch, blocks=p.blocks)
 
-    def setup_training(self, data: DataBundle) -> None:
-        self.optimizer = torch.optim.Adam(self.decoder.parameters(), lr=self.params.lr)
+    def setup_training(self, data: DataBundle, total_steps: int) -> None:
+        p = self.params
+        self.optimizer = torch.optim.AdamW(self.decoder.parameters(), lr=p.lr, betas=(p.beta1, 0.999), weight_decay=p.weight_decay)
+        self.schedulers = [cosine_schedule(self.optimizer, total_steps)] if p.schedule == "cosine" else []
+
+    def calibrate(self, z: torch.Tensor) -> None:
+        """Called once before training with transmitted features of (up to 1024) training images."""
 
     def train_step(self, z: torch.Tensor, x01: torch.Tensor) -> dict[str, float]:
         loss = F.mse_loss(self.decoder(z), x01)
@@ -149,58 +222,121 @@ class InverseNetworkAttack(Attack):
         return {"mse": float(loss.detach())}
 
     def modules_to_save(self) -> dict[str, Any]:
-        return {"decoder": self.decoder, "optimizer": self.optimizer}
+        return {"decoder": self.decoder, "optimizer": self.optimizer,
+                **{f"scheduler{i}": s for i, s in enumerate(self.schedulers)}}
+
+    def initial_state(self) -> dict[str, torch.Tensor] | None:
+        """Decoder weights to start from (a warm start; subclasses), or None for a fresh decoder."""
+        return None
+
+    @torch.no_grad()
+    def held_out_mse(self, z: torch.Tensor, x01: torch.Tensor) -> float:
+        """Per-image MSE of the decoder on held-out (z, x), averaged (eval mode)."""
+        self.decoder.eval()
+        errs = [((self.decoder(zb.to(self.device)).float().cpu() - xb) ** 2).flatten(1).mean(1)
+                for zb, xb in zip(z.split(256), x01.split(256))]
+        return float(torch.cat(errs).mean())
 
     def fit(self, edge: Edge, data: DataBundle) -> dict[str, Any]:
-        import time
-
         edge.eval()
-        split = self.fit_split(data)
+        split, val = self.train_val_parts(self.fit_split(data))
         torch.manual_seed(self.seed)
         feature_shape = tuple(edge(data.to_model_input(split.images[:1], self.device)).shape[1:])
         self.decoder = self.build_decoder(feature_shape, data.image_shape).to(self.device)
-        self.setup_training(data)
+        init = self.initial_state()
+        if init is not None:
+            self.decoder.load_state_dict(init)
+        else:
+            z_cal, _ = transmitted(edge, data, split.subset(torch.arange(min(1024, len(split)))), self.device, self.seed + 5)
+            self.calibrate(z_cal.to(self.device))
+        per_epoch = math.ceil(len(split) / self.params.batch_size)
+        total = self.params.epochs * per_epoch
+        if self.params.max_steps is not None:
+            total = min(total, self.params.max_steps)
+        self.setup_training(data, total)
+        val_data = transmitted(edge, data, val, self.device, self.seed + 3) if val is not None else None
+        info = self.train_epochs(edge, data, split, val_data, warm=init is not None)
+        return {**info, "fit_images": len(split), "val_images": len(val) if val is not None else 0}
+
+    def train_epochs(self, edge: Edge, data: DataBundle, split: ImageSplit,
+                     val_data: tuple[torch.Tensor, torch.Tensor] | None, warm: bool = False) -> dict[str, Any]:
+        """The training loop: epochs of shuffled batches through the edge (fresh defense randomness every
+        batch), the lr schedule per step, the held-out MSE after every epoch (the best epoch's weights are
+        kept when ``select='best'``), the time/step budgets and a resumable checkpoint after every epoch."""
+        p = self.params
         gen = torch.Generator().manual_seed(self.seed)
-        start_epoch, last, steps = 0, {}, 0
+        start_epoch, last, steps, val_curve = 0, {}, 0, []
+        best: tuple[float, int, dict] | None = None
+        if warm and val_data is not None:   # a warm start competes too: fine-tuning cannot end worse on held-out data
+            best = (self.held_out_mse(*val_data), 0, copy_state(self.decoder))
         ckpt = self.checkpoint_path()
         if ckpt and ckpt.exists():  # resume an interrupted fit
             st = torch.load(ckpt, map_location=self.device, weights_only=True)
             for k, m in self.modules_to_save().items():
                 m.load_state_dict(st[k])
-            start_epoch, last, steps = st["epoch"], st["last"], st.get("steps", 0)
+            start_epoch, last, steps, val_curve = st["epoch"], st["last"], st.get("steps", 0), st.get("val_curve", [])
+            if st.get("best") is not None:
+                best = (st["best_mse"], st["best_epoch"], st["best"])
             gen.set_state(st["generator"])
             set_rng_state(st["rng"])
         t0 = time.perf_counter()
-        bar = progress(range(start_epoch, self.params.epochs), self.show_progress, desc=f"attack {self.name}",
-                       initial=start_epoch, total=self.params.epochs, leave=False)
+        bar = progress(range(start_epoch, p.epochs), self.show_progress, desc=f"attack {self.name}",
+                       initial=start_epoch, total=p.epochs, leave=False)
         epochs_done = start_epoch
-        max_steps = self.params.max_steps
+        max_steps = p.max_steps
         for epoch in bar:
             if max_steps is not None and steps >= max_steps:
                 break
             self.decoder.train()
             sums, n = {}, 0
-            for x, _ in data.batches(split, self.params.batch_size, self.device, shuffle=True, generator=gen):
+            for x, _ in data.batches(split, p.batch_size, self.device, shuffle=True, generator=gen):
                 with torch.no_grad():
                     z = edge(x)   # fresh defense randomness every batch, exactly as the edge sends it
                 for k, v in self.train_step(z, data.denormalize(x)).items():
                     sums[k] = sums.get(k, 0.0) + v
+                for s in self.schedulers:
+                    s.step()
                 n += 1
                 steps += 1
                 if max_steps is not None and steps >= max_steps:
                     break
             last = {k: v / max(1, n) for k, v in sums.items()}
             epochs_done = epoch + 1
-            bar.set_postfix({k: f"{v:.4f}" for k, v in last.items()})
+            if val_data is not None:
+                v = self.held_out_mse(*val_data)
+                val_curve.append(v)
+                if best is None or v < best[0]:
+                    best = (v, epochs_done, copy_state(self.decoder))
+            bar.set_postfix({**{k: f"{v:.4f}" for k, v in last.items()}, **({"val": f"{val_curve[-1]:.4f}"} if val_curve else {})})
             if ckpt:
-                atomic_torch_save({"epoch": epochs_done, "last": last, "steps": steps, "generator": gen.get_state(), "rng": rng_state(),
+                atomic_torch_save({"epoch": epochs_done, "last": last, "steps": steps, "val_curve": val_curve,
+                                   "generator": gen.get_state(), "rng": rng_state(),
+                                   "best": best[2] if best else None, "best_mse": best[0] if best else None,
+                                   "best_epoch": best[1] if best else None,
                                    **{k: m.state_dict() for k, m in self.modules_to_save().items()}}, ckpt)
-            if self.params.max_seconds is not None and time.perf_counter() - t0 > self.params.max_seconds:
+            if p.max_seconds is not None and time.perf_counter() - t0 > p.max_seconds:
                 break
+        out = {"epochs": epochs_done, "steps": steps, **{f"train_{k}": v for k, v in last.items()}}
+        if val_curve:
+            out["val_curve"] = [round(v, 6) for v in val_curve]
+            out["last_val_mse"] = val_curve[-1]
+        if best is not None and p.select == "best":
+            self.decoder.load_state_dict(best[2])
+            out.update(best_epoch=best[1], val_mse=best[0])
+        elif val_curve:
+            out.update(best_epoch=epochs_done, val_mse=val_curve[-1])
         self.decoder.eval()
-        return {"epochs": epochs_done, "steps": steps, "fit_images": len(split), **{f"train_{k}": v for k, v in last.items()}}
+        return out
+
+    def selected_state(self) -> dict[str, torch.Tensor]:
+        """The fitted decoder's (selected) weights."""
+        return copy_state(self.decoder)
 
     @torch.no_grad()
     def invert(self, z: torch.Tensor) -> torch.Tensor:
         self.decoder.eval()
         return self.decoder(z)
+
+
+def copy_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}

@@ -2,7 +2,10 @@
 blocks between its upsampling stages (weak-to-strong: Attention-as-Conv + SE early, large-kernel attention +
 multi-scale channel attention late, optional multi-head self-attention) and attacker-side feature
 enhancements of z (global normalisation, FFT view, dropout-regularised NN enrichment). Every part is
-switchable; the training objective (MSE), loop, budgets and checkpoints are the inverse network's."""
+switchable; the training objective (MSE), optimiser, schedule, loop, held-out epoch selection, budgets and
+checkpoints are the inverse network's, so the two compare at equal steps. The normalisation of z is per
+channel with statistics over the attacker's own features (as the GPZ reference does), not per sample (which
+would discard each image's brightness and contrast)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,18 +14,15 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..data import DataBundle
 from ..params import require
 from .base import ATTACKS
 from .blocks import (AttentionAsConv, FeatureEnhancer, LargeKernelAttention, MultiHeadSelfAttention,
                      MultiScaleChannelAttention, SqueezeExcitation)
-from .inverse_network import InverseNetworkAttack, InverseNetworkParams, InversionDecoder
+from .inverse_network import InverseNetworkAttack, InverseNetworkParams, InversionDecoder, auto_width
 
 
 @dataclass
 class InverseNetworkPlusParams(InverseNetworkParams):
-    lr: float = 2e-4                 # GPZ paper: Adam, lr 2e-4, beta1 0.5
-    beta1: float = 0.5
     # attention blocks (weak -> strong): the first half of the stages gets the early blocks, the rest the late
     attention_as_conv: bool = True   # early
     squeeze_excitation: bool = True  # early
@@ -32,7 +32,7 @@ class InverseNetworkPlusParams(InverseNetworkParams):
     mhsa_heads: int = 4
     mhsa_max_positions: int = 256    # self-attention only on stages with at most this many positions
     # feature enhancements of z (attacker side)
-    normalize: bool = True           # global (per-sample) normalisation of z
+    normalize: Literal["channel", "sample", "none"] = "channel"  # channel: per-channel statistics of the attacker's features
     fft: Literal["none", "residual", "concat"] = "none"
     nn_enrich: Literal["none", "residual", "concat"] = "concat"
     enrich_dropout: float = 0.1
@@ -40,16 +40,15 @@ class InverseNetworkPlusParams(InverseNetworkParams):
 
     def validate(self) -> None:
         super().validate()
-        require(0.0 <= self.beta1 < 1.0, "beta1", "must be in [0, 1)")
         require(0.0 <= self.enrich_dropout < 1.0, "enrich_dropout", "must be in [0, 1)")
         require(self.enrich_hidden >= 1, "enrich_hidden", "must be >= 1")
         require(self.mhsa_heads >= 1, "mhsa_heads", "must be >= 1")
 
 
-def count_stages(feature_shape: tuple[int, ...], image_shape: tuple[int, int, int], channels: int) -> int:
+def count_stages(feature_shape: tuple[int, ...], image_shape: tuple[int, int, int], channels: int | None) -> int:
     """Number of stage_hook calls the decoder will make (the stem plus one per upsampling)."""
     calls = []
-    InversionDecoder(feature_shape, image_shape, channels, stage_hook=lambda c, s: calls.append(s) or nn.Identity())
+    InversionDecoder(feature_shape, image_shape, channels or 8, stage_hook=lambda c, s: calls.append(s) or nn.Identity())
     return len(calls)
 
 
@@ -86,9 +85,15 @@ class InverseNetworkPlusAttack(InverseNetworkAttack):
             enhancer.train()
         n_stages = count_stages(shape, image_shape, p.channels)
         counter = iter(range(n_stages))
-        decoder = InversionDecoder(shape, image_shape, p.channels, p.activation,
+        # the width follows the transmitted features (not the enhanced, concatenated ones)
+        c_in = feature_shape[0] if len(feature_shape) == 3 else None
+        width = p.channels or (auto_width(c_in) if c_in else None)
+        if p.arch == "plain":
+            width = width or 128
+        decoder = InversionDecoder(shape, image_shape, width, p.activation, arch=p.arch, blocks=p.blocks,
                                    stage_hook=lambda c, s: self.stage_blocks(c, s, next(counter), n_stages))
         return nn.Sequential(enhancer, decoder)
 
-    def setup_training(self, data: DataBundle) -> None:
-        self.optimizer = torch.optim.Adam(self.decoder.parameters(), lr=self.params.lr, betas=(self.params.beta1, 0.999))
+    def calibrate(self, z: torch.Tensor) -> None:
+        """Per-channel statistics of the attacker's transmitted features for the normalisation of z."""
+        self.decoder[0].set_statistics(z)

@@ -24,7 +24,7 @@ class DataConfig:
     train_size: int | None = None    # subset of the training images (after the aux hold-out); None: all
     test_size: int | None = None     # subset of the test images; None: all
     aux_size: int | None = None      # attacker images held out from the training pool (disjoint from train)
-    aux_fraction: float = 0.1        # used when aux_size is null: this fraction of the training pool
+    aux_fraction: float = 0.2        # used when aux_size is null: this fraction of the training pool (an attacker with more data is the honest default)
     test_fraction: float = 0.2       # for datasets without an official test split
     augment: bool = False            # random crop + flip on training batches
     cache: bool = True               # cache decoded tensors on disk (SPLITVEIL_CACHE or ~/.cache/splitveil)

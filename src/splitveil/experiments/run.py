@@ -14,6 +14,7 @@ import yaml
 
 from .. import __version__
 from ..attacks import ATTACKS, mean_image_baseline, run_attack
+from ..attacks.base import share_split, weak_attack_warnings, worst_case
 from ..data import build_data
 from ..defenses import Edge, build_defenses
 from ..metrics import edge_cost
@@ -115,9 +116,14 @@ def _execute(cfg: RunConfig, run_id: str, run_dir: Path, resume: bool) -> dict[s
     recon_rows: dict[str, torch.Tensor] = {}
     originals = None
     n_show = min(cfg.eval.recon_images, len(data.test))
-    for i, (name, params) in enumerate(cfg.attack_params().items()):
-        cls = ATTACKS.get(name)
-        attack = cls(params, device=device, seed=cfg.seed + 1000 * (i + 1), show_progress=cfg.progress, workdir=run_dir)
+    suite = [(i, name, ATTACKS.get(name)(params, device=device, seed=cfg.seed + 1000 * (i + 1), show_progress=cfg.progress,
+                                        workdir=run_dir)) for i, (name, params) in enumerate(cfg.attack_params().items())]
+    # one split of the test images per run (seeded by the run seed), shared by every attack: all are scored on
+    # the same images, and so is the mean-image baseline
+    shared = share_split([a for _, _, a in suite], data, cfg.seed)
+    eval_split = data.test.subset(shared[1]) if shared is not None else data.test
+    guess_split = data.test.subset(shared[0]) if shared is not None and all(a.inference_time for _, _, a in suite) else data.aux
+    for i, name, attack in suite:
         if name in attacks:
             log.info("attack %s already finished (resume)", name)
             continue
@@ -138,6 +144,9 @@ def _execute(cfg: RunConfig, run_id: str, run_dir: Path, resume: bool) -> dict[s
         title = f"{data.name} {cfg.model.name} cut={model.cut_name} defense={defenses.label}"
         save_recon_grid(run_dir / "recon.png", originals, recon_rows, title)
 
+    baseline = {"mean_image": mean_image_baseline(data, eval_split, guess_split)}
+    wc = worst_case(attacks, baseline["mean_image"])
+    warnings = weak_attack_warnings(wc, attacks)
     cost = edge_cost(edge, data.image_shape, model.feature_shape, device, cfg.eval.latency_batch, cfg.eval.latency_repeats,
                      params_of=model.encoder)
     timings["total_s"] = time.perf_counter() - t_all
@@ -154,7 +163,10 @@ def _execute(cfg: RunConfig, run_id: str, run_dir: Path, resume: bool) -> dict[s
         "seed": cfg.seed,
         "accuracy": accuracy,
         "attacks": attacks,
-        "baseline": {"mean_image": mean_image_baseline(data)},
+        "baseline": baseline,
+        "worst_case": wc,
+        "weak_attack": bool(wc.get("weak_attacks")),
+        "warnings": warnings,
         "lpips": {"available": False, "reason": "LPIPS needs pretrained backbone weights; splitveil downloads none "
                                                 "and does not compute it yet"},
         "cost": cost,
