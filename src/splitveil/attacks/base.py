@@ -69,6 +69,10 @@ class Attack:
         """Reconstruct [0, 1] images from transmitted features ``z``."""
         raise NotImplementedError
 
+    def report(self) -> dict[str, Any]:
+        """Facts known only after inverting (e.g. a weight chosen on the attacked features), recorded as fit.*"""
+        return {}
+
     def checkpoint_path(self) -> Path | None:
         return self.workdir / f"attack_{self.name}.pt" if self.workdir else None
 
@@ -105,6 +109,7 @@ def run_attack(attack: Attack, edge: Edge, data: DataBundle, seed: int) -> tuple
     if not torch.isfinite(x_hat).all():
         raise RuntimeError(f"attack '{attack.name}' produced non-finite reconstructions")
     result = image_metrics(x_hat.clamp(0, 1), x01)
+    info.update(attack.report())
     result.update(fit_seconds=fit_s, invert_seconds=time.perf_counter() - t1, **{f"fit.{k}": v for k, v in info.items()})
     return result, x01, x_hat
 
