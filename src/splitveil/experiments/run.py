@@ -37,6 +37,23 @@ def versions() -> dict[str, str]:
     return v
 
 
+def chance_accuracy(labels: torch.Tensor, num_classes: int) -> float:
+    """Accuracy that a classifier learning nothing reaches on ``labels`` within two standard errors: the
+    majority-class frequency (constant prediction) plus 2 sqrt(p (1 - p) / n)."""
+    n = max(1, int(labels.numel()))
+    p = float(torch.bincount(labels.cpu(), minlength=num_classes).max()) / n
+    return p + 2.0 * (p * (1.0 - p) / n) ** 0.5
+
+
+def quality_flags(accuracy: float, data) -> list[str]:
+    """Warnings stored in metrics.json ``flags``: ``chance_accuracy`` when the model learned nothing (its
+    attack MSE then says nothing about a defense)."""
+    flags = []
+    if accuracy <= chance_accuracy(data.test.labels, data.num_classes):
+        flags.append("chance_accuracy")
+    return flags
+
+
 def _attach_log(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
@@ -106,6 +123,10 @@ def _execute(cfg: RunConfig, run_id: str, run_dir: Path, resume: bool) -> dict[s
     timings["train_s"] = time.perf_counter() - t
     accuracy = trainer.evaluate("test", cfg.eval.batch_size)
     log.info("test accuracy %.4f", accuracy)
+    flags = quality_flags(accuracy, data)
+    if flags:
+        log.warning("test accuracy %.4f is at chance level: the model learned nothing (check train.lr and "
+                    "train.epochs); its privacy numbers are meaningless", accuracy)
 
     edge = Edge(model.encoder, defenses).eval()
     for p in edge.parameters():
@@ -153,6 +174,7 @@ def _execute(cfg: RunConfig, run_id: str, run_dir: Path, resume: bool) -> dict[s
         "defense_info": defenses.info(),
         "seed": cfg.seed,
         "accuracy": accuracy,
+        "flags": flags,
         "attacks": attacks,
         "baseline": {"mean_image": mean_image_baseline(data)},
         "lpips": {"available": False, "reason": "LPIPS needs pretrained backbone weights; splitveil downloads none "

@@ -41,7 +41,7 @@ class TrainConfig:
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or Inf loss; the message names the term."""
+    """Training produced a NaN or Inf loss, parameter or buffer; the message names it (and ``train.lr``)."""
 
 
 class Trainer:
@@ -112,7 +112,8 @@ class Trainer:
             terms = {"task": self.task_loss(logits, y), **self.defenses.loss(step)}
             for k, v in terms.items():
                 if not torch.isfinite(v):
-                    raise NonFiniteLossError(f"loss term '{k}' is {float(v)} at epoch {epoch + 1}, step {self.global_step}")
+                    raise NonFiniteLossError(f"training diverged: loss term '{k}' is {float(v.detach())} at epoch {epoch + 1}, "
+                                             f"step {self.global_step}; lower train.lr (now {self.cfg.lr:g})")
             loss = sum(terms.values())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -151,6 +152,7 @@ class Trainer:
             log.info("resumed from %s after epoch %d", self.ckpt_path, self.epoch)
         while self.epoch < self.cfg.epochs:
             stats = self.train_epoch()
+            self._check_finite_state()
             stats["epoch"] = self.epoch
             stats["test_accuracy"] = self.evaluate("test")
             stats["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -159,6 +161,15 @@ class Trainer:
             if self.ckpt_path:
                 self.save(self.ckpt_path)
         return self.history
+
+    def _check_finite_state(self) -> None:
+        """Diverged training can keep finite losses while weights or BN statistics overflow: check them all."""
+        named = [*self.model.named_parameters(), *self.model.named_buffers(), *self.defenses.named_parameters(),
+                 *self.defenses.named_buffers()]
+        for name, t in named:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise NonFiniteLossError(f"training diverged: '{name}' is not finite after epoch {self.epoch}; "
+                                         f"lower train.lr (now {self.cfg.lr:g})")
 
     # -- checkpoints (loaded with weights_only=True: no arbitrary unpickling) ----------------------------
     def state(self) -> dict[str, Any]:
