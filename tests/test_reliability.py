@@ -57,3 +57,56 @@ def test_chance_accuracy_is_flagged_in_metrics(tmp_path):
     m = run_experiment(digits_config(**{"train.lr": 1e6}), tmp_path)
     assert m["accuracy"] < 0.3 and "chance_accuracy" in m["flags"]
     assert json.loads((tmp_path / m["run_id"] / "metrics.json").read_text())["flags"] == ["chance_accuracy"]
+
+
+def _tree(root, classes, n=4, size=(12, 12), mode="RGB", seed=0):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    shape = size + ((3,) if mode == "RGB" else ())
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(root / c / f"{i}.png")
+    return root
+
+
+def test_wrong_data_under_a_registered_name_is_rejected(tmp_path):
+    from splitveil.data import DataConfig, build_data
+    from splitveil.params import ConfigError
+
+    faces = _tree(tmp_path / "faces", [f"s{i}" for i in range(1, 6)], mode="L")        # 5 grey identities
+    with pytest.raises(ConfigError, match=r"5 classes, 'cifar10' has 10"):
+        build_data(DataConfig(name="cifar10", root=str(faces), image_size=8, aux_size=2))
+    wrong_names = _tree(tmp_path / "ten", [f"c{i}" for i in range(10)])
+    with pytest.raises(ConfigError, match="class names differ"):
+        build_data(DataConfig(name="cifar10", root=str(wrong_names), image_size=8, aux_size=2))
+    grey_cifar = _tree(tmp_path / "grey", ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                           "ship", "truck"], n=2, mode="L")
+    with pytest.raises(ConfigError, match="1 channel"):
+        build_data(DataConfig(name="cifar10", root=str(grey_cifar), image_size=8, aux_size=2))
+    one = _tree(tmp_path / "one", ["only"], n=6)
+    with pytest.raises(ConfigError, match="at least 2"):
+        build_data(DataConfig(name="imagefolder", root=str(one), image_size=8, aux_size=1))
+
+
+def test_decode_cache_sees_changed_images_inside_class_folders(tmp_path, monkeypatch):
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from splitveil.data import DataConfig, build_data
+
+    monkeypatch.setenv("SPLITVEIL_CACHE", str(tmp_path / "cache"))
+    root = _tree(tmp_path / "tree", ["a", "b"], n=4)
+    cfg = DataConfig(name="imagefolder", root=str(root), image_size=12, aux_size=1, test_fraction=0.25)
+    before = build_data(cfg).train.images.clone()
+    st = os.stat(root)
+    for f in sorted((root / "a").iterdir()) + sorted((root / "b").iterdir()):   # same names, new pixels
+        Image.fromarray(np.full((12, 12, 3), 7, np.uint8)).save(f)
+        os.utime(f, ns=(st.st_atime_ns, os.stat(f).st_mtime_ns + 10**9))
+    os.utime(root, ns=(st.st_atime_ns, st.st_mtime_ns))   # the root folder's mtime is unchanged
+    after = build_data(cfg).train.images
+    assert not torch.equal(before, after) and int(after.max()) == 7
