@@ -110,3 +110,61 @@ def test_decode_cache_sees_changed_images_inside_class_folders(tmp_path, monkeyp
     os.utime(root, ns=(st.st_atime_ns, st.st_mtime_ns))   # the root folder's mtime is unchanged
     after = build_data(cfg).train.images
     assert not torch.equal(before, after) and int(after.max()) == 7
+
+
+def test_run_uses_a_fixed_thread_count_whatever_the_caller_set_and_records_it(tmp_path, monkeypatch):
+    from splitveil.experiments.config import resolve_threads
+
+    seen = []
+    real = Trainer.fit
+
+    def spy(self, resume=False):
+        seen.append(torch.get_num_threads())
+        return real(self, resume)
+
+    monkeypatch.setattr(Trainer, "fit", spy)
+    before = torch.get_num_threads()
+    try:
+        metrics = []
+        for outer in (1, 3):     # e.g. a sweep worker with cores // workers threads
+            torch.set_num_threads(outer)
+            metrics.append(run_experiment(digits_config(), tmp_path / str(outer)))
+            assert torch.get_num_threads() == outer       # restored after the run
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [resolve_threads(None)] * 2
+    assert metrics[0]["threads"] == metrics[1]["threads"] == resolve_threads(None)
+    assert metrics[0]["accuracy"] == metrics[1]["accuracy"]
+    m = run_experiment(digits_config(threads=2), tmp_path / "x")
+    assert m["threads"] == 2 and seen[-1] == 2
+
+
+def test_run_id_ignores_how_the_data_root_and_device_are_spelled(tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / "data" / "MNIST" / "raw").mkdir(parents=True)
+    base = {"name": "x", "data": {"name": "mnist"}}
+    ids = set()
+    monkeypatch.chdir(tmp_path)
+    for root in (str(tmp_path / "data"), "data", "./data/", "data/../data", str(tmp_path / "data" / "MNIST")):
+        ids.add(config_from_dict(base, [f"data.root={root}"]).run_id())
+    assert len(ids) == 1
+    monkeypatch.setenv("SPLITVEIL_DATA", str(tmp_path / "data"))
+    ids.add(config_from_dict(base).run_id())                       # root from $SPLITVEIL_DATA
+    assert len(ids) == 1
+    assert config_from_dict(base, ["data.root=elsewhere"]).run_id() not in ids
+    if not torch.cuda.is_available():
+        assert config_from_dict(base, ["device=auto"]).run_id() == config_from_dict(base, ["device=cpu"]).run_id()
+    assert os.getcwd() == str(tmp_path)
+
+
+def test_relative_data_root_in_a_config_file_is_relative_to_the_file(tmp_path, monkeypatch):
+    from splitveil import load_config
+
+    (tmp_path / "proj" / "cfg").mkdir(parents=True)
+    (tmp_path / "proj" / "cfg" / "c.yaml").write_text("data:\n  name: mnist\n  root: ../data\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("proj/cfg/c.yaml")
+    assert cfg.data.root == str(tmp_path / "proj" / "data")
+    cfg = load_config("proj/cfg/c.yaml", ["data.root=here"])       # the command line: the current directory
+    assert cfg.data.root == str(tmp_path / "here")

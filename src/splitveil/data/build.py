@@ -18,7 +18,8 @@ CACHE_VERSION = 2
 @dataclass
 class DataConfig:
     name: str = "digits"
-    root: str | None = None          # data root (e.g. ../shared/data); the dataset's sub-folder is found under it
+    root: str | None = None          # data root (e.g. ../shared/data; null: $SPLITVEIL_DATA); the dataset's
+                                     # sub-folder is found under it. Relative: to the config file
     image_size: int | None = None    # None: the dataset's default
     channels: int | None = None      # None: the dataset's own; 1 or 3 to convert
     train_size: int | None = None    # subset of the training images (after the aux hold-out); None: all
@@ -49,9 +50,11 @@ def resolve_root(cfg: DataConfig) -> Path | None:
     info = DATASETS.get(cfg.name)
     if not info.needs_root:
         return None
-    if cfg.root is None:
-        raise ConfigError(f"data.root: dataset '{cfg.name}' needs a data root (e.g. --data-root ../shared/data)")
-    root = Path(cfg.root).expanduser()
+    root_s = cfg.root or os.environ.get("SPLITVEIL_DATA") or None
+    if root_s is None:
+        raise ConfigError(f"data.root: dataset '{cfg.name}' needs a data root (--data-root DIR, data.root in the "
+                          f"config, or the SPLITVEIL_DATA environment variable)")
+    root = Path(root_s).expanduser()
     if info.subdir and (root / info.subdir).exists():
         root = root / info.subdir
     if not root.exists():

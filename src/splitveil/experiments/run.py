@@ -21,7 +21,7 @@ from ..models import build_split_model
 from ..report.figures import save_recon_grid
 from ..training import Trainer
 from ..utils import atomic_write_text, resolve_device, seed_everything
-from .config import RunConfig
+from .config import RunConfig, resolve_threads
 from .store import ResultsStore
 
 log = logging.getLogger("splitveil.run")
@@ -85,6 +85,8 @@ def run_experiment(cfg: RunConfig, out: str | Path = "runs", resume: bool = Fals
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     store.start(run_id, config, run_dir, cfg.defense_label())
     handler = _attach_log(run_dir)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(resolve_threads(cfg.threads))  # fixed per run: CPU results depend on it
     try:
         metrics = _execute(cfg, run_id, run_dir, resume)
     except KeyboardInterrupt:
@@ -94,6 +96,7 @@ def run_experiment(cfg: RunConfig, out: str | Path = "runs", resume: bool = Fals
         store.set_status(run_id, "failed", f"{type(e).__name__}: {e}")
         raise
     finally:
+        torch.set_num_threads(threads_before)
         logging.getLogger("splitveil").removeHandler(handler)
         handler.close()
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
@@ -185,4 +188,5 @@ def _execute(cfg: RunConfig, run_id: str, run_dir: Path, resume: bool) -> dict[s
         "timings": timings,
         "versions": versions(),
         "device": str(device),
+        "threads": torch.get_num_threads(),
     }

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Iterable, TextIO
 
 from ..params import ConfigError
-from .config import RunConfig, apply_override, config_from_dict, read_yaml_mapping
+from .config import (RunConfig, absolute_root, apply_override, config_from_dict, read_yaml_mapping,
+                     root_relative_to)
 from .store import ResultsStore
 
 SWEEP_KEYS = ("name", "description", "base", "config", "set", "points", "grid", "out", "resources")
@@ -141,7 +142,7 @@ def sweep_from_dict(tree: dict, source: Path | None = None, overrides: Iterable[
         base_path = Path(tree["base"])
         if not base_path.is_absolute() and source is not None:
             base_path = source.parent / base_path
-        base = read_yaml_mapping(base_path, "base: config file")
+        base = root_relative_to(read_yaml_mapping(base_path, "base: config file"), base_path.parent)
     if tree.get("config"):
         if not isinstance(tree["config"], dict):
             raise ConfigError("config: expected an inline run config (a mapping)")
@@ -160,8 +161,9 @@ def sweep_from_dict(tree: dict, source: Path | None = None, overrides: Iterable[
         _apply(t, fixed, "set")
         _apply(t, ov, f"point {i} ({ov})")
         t["progress"] = False   # no per-run progress bars under a sweep (not part of the run id)
+        root_relative_to(t, source.parent if source is not None else ".")  # a root set in the sweep file
         try:
-            cfg = config_from_dict(t, list(overrides))
+            cfg = absolute_root(config_from_dict(t, list(overrides)))
             cfg.validate()
         except ConfigError as e:
             raise ConfigError(f"point {i} ({' '.join(f'{k}={_short(v)}' for k, v in ov.items())}): {e}") from None
