@@ -168,3 +168,155 @@ def test_relative_data_root_in_a_config_file_is_relative_to_the_file(tmp_path, m
     assert cfg.data.root == str(tmp_path / "proj" / "data")
     cfg = load_config("proj/cfg/c.yaml", ["data.root=here"])       # the command line: the current directory
     assert cfg.data.root == str(tmp_path / "here")
+
+
+# -- work that cannot be recovered -----------------------------------------------------------------------
+
+def _interrupt_at_epoch(monkeypatch, epoch):
+    real = Trainer.train_epoch
+
+    def interrupt(self):
+        if self.epoch == epoch:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", interrupt)
+    return real
+
+
+def test_rerun_without_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
+    from splitveil.experiments import ResultsStore
+
+    cfg = digits_config(**{"train.epochs": 3})
+    full = run_experiment(cfg, tmp_path / "a")
+    real = _interrupt_at_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "b")
+    monkeypatch.setattr(Trainer, "train_epoch", real)
+    loads = []
+    real_load = Trainer.load
+    monkeypatch.setattr(Trainer, "load", lambda self, p: (loads.append(p), real_load(self, p)))
+    again = run_experiment(cfg, tmp_path / "b")          # no resume=True: the checkpoints are kept and used
+    assert len(loads) == 1 and [h["epoch"] for h in again["history"]] == [1, 2, 3]
+    assert again["accuracy"] == full["accuracy"]
+    assert ResultsStore(tmp_path / "b" / "results.sqlite").get(cfg.run_id())["status"] == "finished"
+
+
+def test_unreadable_recon_file_redoes_that_attack_and_tmp_files_are_cleared(tmp_path, caplog):
+    cfg = digits_config()
+    first = run_experiment(cfg, tmp_path)
+    run_dir = tmp_path / cfg.run_id()
+    assert not list(run_dir.glob(".*tmp*"))
+    (run_dir / "recon_inverse_network.pt").write_bytes(b"half a file")       # killed while writing
+    (run_dir / ".checkpoint.pt.tmp999").write_bytes(b"left by a kill")
+    (run_dir / "metrics.json").unlink()
+    import sqlite3
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:   # as left by a kill: still 'running'
+        db.execute("UPDATE runs SET status='running' WHERE run_id=?", (cfg.run_id(),))
+    with caplog.at_level("WARNING"):
+        again = run_experiment(cfg, tmp_path)
+    assert "recon_inverse_network.pt cannot be read" in caplog.text
+    assert again["attacks"]["inverse_network"]["mse"] == first["attacks"]["inverse_network"]["mse"]
+    assert torch.load(run_dir / "recon_inverse_network.pt", weights_only=True)["recon"].shape[0] == 2
+    assert not (run_dir / ".checkpoint.pt.tmp999").exists()
+
+
+def test_recon_rows_are_written_before_attacks_json_marks_the_attack_done(tmp_path, monkeypatch):
+    import splitveil.experiments.run as run_mod
+
+    cfg = digits_config()
+    real = run_mod.atomic_torch_save
+
+    def die_on_recon(obj, path):
+        if "recon_" in str(path):
+            raise KeyboardInterrupt   # killed while the rows are written
+        return real(obj, path)
+
+    monkeypatch.setattr(run_mod, "atomic_torch_save", die_on_recon)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path)
+    attacks_json = tmp_path / cfg.run_id() / "attacks.json"
+    assert not attacks_json.exists() or "inverse_network" not in json.loads(attacks_json.read_text())
+
+
+def test_a_run_is_locked_and_a_finished_row_is_never_downgraded(tmp_path, caplog):
+    import fcntl
+    import os
+
+    from splitveil.experiments import ResultsStore
+    from splitveil.experiments.store import RunBusyError, lock_path
+
+    cfg = digits_config()
+    lp = lock_path(tmp_path, cfg.run_id())
+    lp.parent.mkdir(parents=True)
+    fd = os.open(lp, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)            # another process runs it
+    os.write(fd, b"4242 otherhost 0\n")
+    try:
+        with pytest.raises(RunBusyError, match="pid 4242 on otherhost"):
+            run_experiment(cfg, tmp_path)
+    finally:
+        os.close(fd)
+    store = ResultsStore(tmp_path / "results.sqlite")
+    assert store.get(cfg.run_id()) is None                    # nothing recorded, nothing deleted
+    m = run_experiment(cfg, tmp_path)
+    assert not store.set_status(cfg.run_id(), "interrupted", "late Ctrl-C of a second process")
+    assert store.get(cfg.run_id())["status"] == "finished"
+    store.start("other", {"name": "o", "data": {"name": "d"}, "model": {"name": "m", "cut": 1}, "seed": 0}, tmp_path,
+                "none", owner="1@a")
+    assert not store.set_status("other", "failed", owner="2@b") and store.get("other")["status"] == "running"
+    assert store.set_status("other", "failed", owner="1@a") and store.get("other")["status"] == "failed"
+    with caplog.at_level("WARNING"):
+        assert run_experiment(cfg, tmp_path)["accuracy"] == m["accuracy"]
+    assert "already finished" in caplog.text and "--force" in caplog.text
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path, monkeypatch):
+    import shutil
+
+    from splitveil.experiments import ResultsStore
+    from splitveil.params import CorruptFileError
+
+    a, b = digits_config(**{"train.epochs": 2}), digits_config(**{"train.epochs": 2, "seed": 1})
+    real = _interrupt_at_epoch(monkeypatch, 1)
+    for cfg in (a, b):
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(cfg, tmp_path)
+    shutil.copy(tmp_path / a.run_id() / "checkpoint.pt", tmp_path / b.run_id() / "checkpoint.pt")
+    monkeypatch.setattr(Trainer, "train_epoch", real)
+    with pytest.raises(CorruptFileError, match=f"checkpoint of run {a.run_id()}, not of {b.run_id()}"):
+        run_experiment(b, tmp_path)
+    (tmp_path / a.run_id() / "checkpoint.pt").write_bytes(b"garbage")
+    with pytest.raises(CorruptFileError, match="checkpoint.pt: not a readable checkpoint"):
+        run_experiment(a, tmp_path)
+    assert ResultsStore(tmp_path / "results.sqlite").get(a.run_id())["status"] == "failed"
+
+
+def test_bad_cut_or_data_root_fail_before_anything_is_recorded(tmp_path):
+    from splitveil.params import ConfigError
+
+    for over, field in (({"model.cut": 99}, "model.cut"), ({"model.cut": "conv9"}, "model.cut"),
+                        ({"data.name": "mnist", "data.root": str(tmp_path / "nowhere")}, "data.root")):
+        with pytest.raises(ConfigError, match=field):
+            run_experiment(digits_config(**over), tmp_path / "out")
+    assert not (tmp_path / "out" / "results.sqlite").exists() or \
+        __import__("splitveil").experiments.ResultsStore(tmp_path / "out" / "results.sqlite").runs() == []
+
+
+# -- security --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/abs", "a/b", "..", ""])
+def test_run_name_cannot_leave_the_out_folder(name):
+    from splitveil.params import ConfigError
+
+    with pytest.raises(ConfigError, match="name"):
+        digits_config(name=name if name else "''")
+
+
+def test_corrupt_results_store_is_one_clear_error(tmp_path):
+    from splitveil.experiments import ResultsStore
+    from splitveil.params import CorruptFileError
+
+    (tmp_path / "results.sqlite").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(CorruptFileError, match="results.sqlite: not a readable results store"):
+        ResultsStore(tmp_path / "results.sqlite")

@@ -17,6 +17,11 @@ class ConfigError(ValueError):
     """A configuration field is unknown or has a bad value. The message names the field."""
 
 
+class CorruptFileError(RuntimeError):
+    """A file splitveil wrote (checkpoint, attacks.json, results store, image) cannot be read; the message
+    names the file and what to do."""
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 

@@ -101,11 +101,10 @@ def load_raw(cfg: DataConfig) -> RawData:
             pass
     raw = info.loader(root, size, cfg.channels)
     if cfg.cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        from ..utils import atomic_torch_save
+
         d = {k: v for k, v in raw.__dict__.items() if v is not None}
-        torch.save(d, tmp)
-        os.replace(tmp, path)  # atomic: concurrent runs never read a half-written cache
+        atomic_torch_save(d, path)  # atomic: concurrent runs never read a half-written cache
     return raw
 
 

@@ -5,6 +5,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ class RunConfig:
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
                 f"'{self.device}' is not auto, cpu or cuda[:N]")
         require(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")
+        require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}", self.name)), "name",
+                f"{self.name!r}: use letters, digits, '.', '_' and '-' (no '/', it names the run folder)")
         build_defenses(self.defense)  # raises ConfigError naming a bad defense field
         self.attack_params()
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..data import DataBundle
 from ..defenses import DefenseStack, StepContext
 from ..models import SplitModel
-from ..params import require
+from ..params import CorruptFileError, require
 from ..utils import atomic_torch_save, progress, rng_state, set_rng_state
 
 log = logging.getLogger("splitveil.train")
@@ -46,6 +46,8 @@ class NonFiniteLossError(RuntimeError):
 
 class Trainer:
     """Trains ``model`` (encoder + decoder) under ``defenses``; checkpoints every epoch and resumes exactly."""
+
+    run_id: str | None = None   # when set: stored in checkpoints, and a checkpoint of another run is refused
 
     def __init__(self, model: SplitModel, defenses: DefenseStack, data: DataBundle, cfg: TrainConfig,
                  device: torch.device, seed: int = 0, ckpt_path: str | Path | None = None, show_progress: bool = True,
@@ -177,14 +179,21 @@ class Trainer:
             "epoch": self.epoch, "global_step": self.global_step, "history": self.history,
             "model": self.model.state_dict(), "defenses": self.defenses.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "rng": rng_state(), "generator": self.generator.get_state(),
+            "rng": rng_state(), "generator": self.generator.get_state(), "run_id": self.run_id,
         }
 
     def save(self, path: str | Path) -> None:
         atomic_torch_save(self.state(), path)
 
     def load(self, path: str | Path) -> None:
-        st = torch.load(path, map_location=self.device, weights_only=True)
+        try:
+            st = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:
+            raise CorruptFileError(f"{path}: not a readable checkpoint ({type(e).__name__}); delete it to train "
+                                   f"from scratch (or re-run with --force)") from None
+        if self.run_id is not None and st.get("run_id") != self.run_id:
+            raise CorruptFileError(f"{path}: checkpoint of run {st.get('run_id')}, not of {self.run_id}; delete it "
+                                   f"(or re-run with --force)")
         self.defenses.prepare_load(st, self)
         self.model.load_state_dict(st["model"])
         self.defenses.load_state_dict(st["defenses"])
