@@ -26,11 +26,21 @@ def test_overrides_reach_every_section(tmp_path):
     ("attacks.nope.epochs=1", "attacks.nope"),
     ("attacks.inverse_network.epochs=0", "attacks.inverse_network"),
     ("bogus=1", "bogus"),
+    ("train.lr=inf", "train.lr"),                          # not finite
+    ("train.lr=.inf", "train.lr"),
+    ("train.lr=[1,", "train.lr"),                          # malformed YAML is not read as a string
+    ("train..lr=1", "train..lr"),                          # empty part of a dotted name
+    ("train.lr.=1", "train.lr."),
 ])
 def test_bad_field_or_value_names_the_field(override, field):
     with pytest.raises(ConfigError) as e:
         load_config("configs/quickstart.yaml", [override])
     assert field in str(e.value)
+
+
+def test_non_finite_defense_parameter_is_rejected():
+    with pytest.raises(ConfigError, match="sigma"):
+        build_defenses({"name": "gaussian_noise", "sigma": float("inf")})
 
 
 def test_defense_composition_and_scoped_params():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import keyword
+import math
 import types
 import typing
 from typing import Any, Mapping
@@ -14,6 +15,11 @@ from typing import Any, Mapping
 
 class ConfigError(ValueError):
     """A configuration field is unknown or has a bad value. The message names the field."""
+
+
+class CorruptFileError(RuntimeError):
+    """A file splitveil wrote (checkpoint, attacks.json, results store, image) cannot be read; the message
+    names the file and what to do."""
 
 
 def _type_name(tp: Any) -> str:
@@ -88,8 +94,8 @@ def _coerce_value(tp: Any, value: Any, path: str) -> Any:
                 raise ConfigError(f"{path}: expected a number, got {value!r}") from None
         else:
             raise ConfigError(f"{path}: expected a number, got {value!r}")
-        if v != v:
-            raise ConfigError(f"{path}: NaN is not a valid value")
+        if not math.isfinite(v):
+            raise ConfigError(f"{path}: {value!r} is not a finite number")
         return v
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -36,21 +36,49 @@ def progress(iterable: Iterable | None = None, enabled: bool = True, **kw: Any):
     return tqdm(iterable, disable=not enabled, **kw)
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """Write ``obj`` to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+def _atomic_write(path: str | Path, write) -> None:
+    """``write(fh)`` into ``.<name>.tmp<pid>``, fsync it, rename it over ``path``, fsync the folder: after a
+    crash or power loss ``path`` is the old file or the complete new one, and no temporary file is left
+    (except after a kill; :func:`remove_stale_tmp` clears those)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # pragma: no cover - folders that cannot be opened or synced (some file systems)
+        pass
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """Write ``obj`` to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    _atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+def remove_stale_tmp(folder: str | Path) -> list[Path]:
+    """Delete temporary files left by a killed writer (``.<name>.tmp<pid>``); call while holding the folder's lock."""
+    gone = []
+    for f in Path(folder).glob(".*.tmp*"):
+        if f.is_file():
+            f.unlink(missing_ok=True)
+            gone.append(f)
+    return gone
 
 
 def rng_state() -> dict[str, Any]:

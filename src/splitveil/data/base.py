@@ -31,6 +31,11 @@ class DatasetInfo:
     subdir: str | None = None        # looked up under the data root first (e.g. "cifar10")
     mean: tuple[float, ...] | None = None  # per-dataset statistics; None: computed from the train split
     std: tuple[float, ...] | None = None
+    # what the data must look like (checked after loading; None: not checked): a folder of other images
+    # under a registered name fails with a message naming the mismatch
+    num_classes: int | None = None
+    class_names: tuple[str, ...] | None = None   # compared as a set (folder order may differ)
+    channels: int | None = None                  # the dataset's own channels (checked when data.channels is null)
 
 
 DATASETS: Registry[DatasetInfo] = Registry("dataset")

@@ -69,8 +69,8 @@ def load_npz_faces(root, image_size: int, channels: int | None) -> RawData:
 
 
 DATASETS.register("digits", "scikit-learn's bundled 8x8 digits (1,797 images, 10 classes); needs no data root")(
-    DatasetInfo(load_digits, default_image_size=32, needs_root=False))
+    DatasetInfo(load_digits, default_image_size=32, needs_root=False, num_classes=10, channels=1))
 DATASETS.register("mnist", "MNIST 28x28 digits, torchvision IDX layout (<root>/MNIST/raw)")(
-    DatasetInfo(load_mnist, default_image_size=32, subdir=None, mean=(0.1307,), std=(0.3081,)))
+    DatasetInfo(load_mnist, default_image_size=32, subdir="MNIST", mean=(0.1307,), std=(0.3081,), num_classes=10, channels=1))
 DATASETS.register("facescrub10", "FaceScrub subset, 10 identities, 32x32 RGB (.npz with images/target)")(
-    DatasetInfo(load_npz_faces, default_image_size=32, subdir="facescrub10"))
+    DatasetInfo(load_npz_faces, default_image_size=32, subdir="facescrub10", num_classes=10, channels=3))

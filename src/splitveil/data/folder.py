@@ -10,6 +10,7 @@ from PIL import Image
 
 from .base import DATASETS, DatasetInfo, RawData, resize_u8
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -70,11 +71,13 @@ def load_image_folder(root: Path, image_size: int, channels: int | None) -> RawD
 DATASETS.register("imagefolder", "any root/<class>/* tree (FaceScrub, TinyImageNet, CelebA identities); "
                   "set data.root to the tree")(DatasetInfo(load_image_folder, default_image_size=32, subdir=None))
 DATASETS.register("att_faces", "AT&T (ORL) faces: 40 identities x 10 grey 92x112 images (s<id>/<n>.pgm)")(
-    DatasetInfo(load_image_folder, default_image_size=32, subdir="att_faces"))
+    DatasetInfo(load_image_folder, default_image_size=32, subdir="att_faces", num_classes=40,
+                class_names=tuple(f"s{i}" for i in range(1, 41)), channels=1))
 DATASETS.register("cifar10", "CIFAR-10, 10 classes of 32x32 RGB (ImageFolder layout or torchvision batches)")(
     DatasetInfo(lambda root, image_size, channels: _load_cifar10(root, image_size, channels),
                 default_image_size=32, subdir="cifar10",
-                mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)))
+                mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), num_classes=10,
+                class_names=CIFAR10_CLASSES, channels=3))
 
 
 def _load_cifar10(root: Path, image_size: int, channels: int | None) -> RawData:
@@ -97,7 +100,7 @@ def _load_cifar10(root: Path, image_size: int, channels: int | None) -> RawData:
         tr_x, tr_y = read([f"data_batch_{i}" for i in range(1, 6)])
         te_x, te_y = read(["test_batch"])
         from .base import convert_channels
-        classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+        classes = list(CIFAR10_CLASSES)
         tr_x, te_x = (resize_u8(convert_channels(t, channels), image_size) for t in (tr_x, te_x))
         return RawData(tr_x, tr_y, te_x, te_y, classes)
     return load_image_folder(root, image_size, channels)

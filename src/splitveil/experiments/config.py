@@ -4,6 +4,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,8 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     progress: bool = True           # progress bars on stderr
+    threads: int | None = None      # torch CPU threads of the run; null: min(8, cores of this machine), the
+                                    # same for every run here whatever the sweep's workers (recorded in metrics)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -46,6 +50,9 @@ class RunConfig:
     def validate(self) -> None:
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
                 f"'{self.device}' is not auto, cpu or cuda[:N]")
+        require(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")
+        require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}", self.name)), "name",
+                f"{self.name!r}: use letters, digits, '.', '_' and '-' (no '/', it names the run folder)")
         build_defenses(self.defense)  # raises ConfigError naming a bad defense field
         self.attack_params()
 
@@ -73,27 +80,66 @@ class RunConfig:
         value out or leaving it implicit gives the same id."""
         d = self.to_dict()
         d.pop("progress")
+        # what changes the result, not how it is spelled: the device type ('auto' resolved) and the data
+        # folder as resolved (relative, '..', trailing '/', root or its dataset sub-folder)
+        d["device"] = resolved_device_type(self.device)
+        d["data"]["root"] = canonical_data_root(self.data)
         d["defense"] = {x.name: asdict(x.params) for x in build_defenses(self.defense)}
         d["attacks"] = {name: asdict(p) for name, p in self.attack_params().items()}
         h = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
         return f"{self.name}-{self.data.name}-{self.model.name}-{self.defense_label()}-s{self.seed}-{h}"
 
 
-def parse_value(text: str) -> Any:
+def resolved_device_type(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device.split(":")[0]
+
+
+def canonical_data_root(data: DataConfig) -> str | None:
+    from ..data import DATASETS
+    from ..data.build import resolve_root
+
+    if data.name in DATASETS and not DATASETS.get(data.name).needs_root:
+        return None
+    try:
+        return str(resolve_root(data))
+    except ConfigError:   # missing or does not exist (yet): the absolute spelling
+        return os.path.abspath(os.path.expanduser(data.root)) if data.root else None
+
+
+def resolve_threads(threads: int | None) -> int:
+    """The torch thread count of a run: ``threads`` or min(8, the cores this process may use)."""
+    if threads:
+        return int(threads)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def parse_value(text: str, field: str = "value") -> Any:
     """A ``--set`` value is read as YAML: 3 -> int, 0.1 -> float, [a, b] -> list, true -> bool."""
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"--set {field}: {text!r} is not a valid YAML value ({problem}); "
+                          f"put quotes around a string value") from None
 
 
 def apply_override(tree: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected FIELD=VALUE, e.g. train.epochs=3")
     key, value = assignment.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise ConfigError(f"--set {assignment!r}: empty field name")
+    parts = key.strip().split(".")
+    if not key.strip() or any(not p.strip() for p in parts):
+        raise ConfigError(f"--set {assignment!r}: '{key.strip()}' is not a dotted field name (empty part), "
+                          f"e.g. train.epochs=3")
+    parts = [p.strip() for p in parts]
     node = tree
     for i, p in enumerate(parts[:-1]):
         nxt = node.get(p)
@@ -102,7 +148,7 @@ def apply_override(tree: dict, assignment: str) -> None:
         if not isinstance(nxt, dict):
             raise ConfigError(f"--set {key}: '{'.'.join(parts[:i + 1])}' is not a section")
         node = nxt
-    node[parts[-1]] = parse_value(value)
+    node[parts[-1]] = parse_value(value, ".".join(parts))
 
 
 def config_from_dict(tree: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -126,9 +172,29 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
     return tree
 
 
+def root_relative_to(tree: dict, base_dir: str | Path) -> dict:
+    """A relative ``data.root`` written in a file means relative to that file (not the current directory)."""
+    data = tree.get("data")
+    if isinstance(data, dict) and isinstance(data.get("root"), str):
+        root = os.path.expanduser(data["root"])
+        if not os.path.isabs(root):
+            data["root"] = os.path.normpath(os.path.join(os.path.abspath(base_dir), root))
+    return tree
+
+
+def absolute_root(cfg: RunConfig) -> RunConfig:
+    """A relative root left after the files (``--set``, ``--data-root``) is relative to the current directory:
+    made absolute now, so worker processes in other directories read the same data."""
+    if cfg.data.root is not None:
+        cfg.data.root = os.path.abspath(os.path.expanduser(cfg.data.root))
+    return cfg
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    tree = read_yaml_mapping(path)
+    """Read a run config file; a relative ``data.root`` in it is relative to the file, one given in
+    ``overrides`` relative to the current directory."""
+    tree = root_relative_to(read_yaml_mapping(path), Path(path).parent)
     try:
-        return config_from_dict(tree, overrides)
+        return absolute_root(config_from_dict(tree, overrides))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None

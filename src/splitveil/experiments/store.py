@@ -1,12 +1,17 @@
 """The results store: one SQLite row per run (WAL mode, safe for concurrent writers)."""
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
 import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from ..params import CorruptFileError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -18,7 +23,8 @@ CREATE TABLE IF NOT EXISTS runs (
     config     TEXT,                   -- the fully resolved config
     run_dir    TEXT,
     error      TEXT,
-    started    REAL, updated REAL
+    started    REAL, updated REAL,
+    owner      TEXT                    -- pid@host of the process running it (status updates must match)
 );
 """
 STATUSES = ("running", "finished", "failed", "interrupted")
@@ -28,9 +34,16 @@ class ResultsStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA)
+        try:
+            with self._connect() as db:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.executescript(SCHEMA)
+                cols = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+                if "owner" not in cols:   # a store written before status updates carried an owner
+                    db.execute("ALTER TABLE runs ADD COLUMN owner TEXT")
+        except sqlite3.DatabaseError as e:
+            raise CorruptFileError(f"{self.path}: not a readable results store ({e}); move it away (its run folders "
+                                   f"keep metrics.json) or use another --out") from None
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -42,29 +55,36 @@ class ResultsStore:
         finally:
             db.close()
 
-    def start(self, run_id: str, config: dict[str, Any], run_dir: str | Path, defense: str) -> None:
+    def start(self, run_id: str, config: dict[str, Any], run_dir: str | Path, defense: str,
+              owner: str | None = None) -> None:
         now = time.time()
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             db.execute(
-                "INSERT INTO runs (run_id, status, name, dataset, model, cut, defense, seed, config, run_dir, started, updated)"
-                " VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                "INSERT INTO runs (run_id, status, name, dataset, model, cut, defense, seed, config, run_dir, started,"
+                " updated, owner) VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT(run_id) DO UPDATE SET status='running', error=NULL, metrics=NULL, accuracy=NULL,"
-                " config=excluded.config, run_dir=excluded.run_dir, updated=excluded.updated",
+                " config=excluded.config, run_dir=excluded.run_dir, updated=excluded.updated, owner=excluded.owner",
                 (run_id, config["name"], config["data"]["name"], config["model"]["name"], str(config["model"]["cut"]),
-                 defense, config["seed"], json.dumps(config, default=str), str(run_dir), now, now))
+                 defense, config["seed"], json.dumps(config, default=str), str(run_dir), now, now, owner))
             db.execute("COMMIT")
 
-    def set_status(self, run_id: str, status: str, error: str | None = None) -> None:
-        if status not in STATUSES:
-            raise ValueError(f"unknown status {status}")
+    def set_status(self, run_id: str, status: str, error: str | None = None, owner: str | None = None) -> bool:
+        """Mark a run not finished. Never downgrades a finished run; with ``owner``, only the owner's row
+        changes (a process that lost the run to another one cannot overwrite it). True if a row changed."""
+        if status not in STATUSES or status == "finished":
+            raise ValueError(f"set_status: bad status {status} (finish() records a finished run)")
         with self._connect() as db:
-            db.execute("UPDATE runs SET status=?, error=?, updated=? WHERE run_id=?", (status, error, time.time(), run_id))
+            cur = db.execute("UPDATE runs SET status=?, error=?, updated=? WHERE run_id=? AND status != 'finished'"
+                             " AND (? IS NULL OR owner IS ?)", (status, error, time.time(), run_id, owner, owner))
+            return cur.rowcount > 0
 
-    def finish(self, run_id: str, metrics: dict[str, Any]) -> None:
+    def finish(self, run_id: str, metrics: dict[str, Any], owner: str | None = None) -> bool:
         with self._connect() as db:
-            db.execute("UPDATE runs SET status='finished', error=NULL, accuracy=?, metrics=?, updated=? WHERE run_id=?",
-                       (metrics.get("accuracy"), json.dumps(metrics), time.time(), run_id))
+            cur = db.execute("UPDATE runs SET status='finished', error=NULL, accuracy=?, metrics=?, updated=?"
+                             " WHERE run_id=? AND (? IS NULL OR owner IS ?)",
+                             (metrics.get("accuracy"), json.dumps(metrics), time.time(), run_id, owner, owner))
+            return cur.rowcount > 0
 
     def get(self, run_id: str) -> dict[str, Any] | None:
         with self._connect() as db:
@@ -85,3 +105,58 @@ class ResultsStore:
         for k in ("metrics", "config"):
             d[k] = json.loads(d[k]) if d.get(k) else None
         return d
+
+
+# -- one lock per run: only one process runs a given run id in a given --out at a time ----------------------
+
+class RunBusyError(RuntimeError):
+    """Another process holds the run's lock."""
+
+
+_HELD: dict[str, int] = {}   # lock files held by this process -> depth (the lock is re-entrant in a process)
+
+
+def lock_path(out: str | Path, run_id: str) -> Path:
+    return Path(out) / ".locks" / f"{run_id}.lock"
+
+
+def owner_id() -> str:
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+@contextmanager
+def run_lock(out: str | Path, run_id: str) -> Iterator[None]:
+    """Hold ``<out>/.locks/<run-id>.lock`` (flock: released by the OS if the process dies). The file names the
+    holder (pid host start-time) while held. Raises :class:`RunBusyError` if another process holds it."""
+    lp = lock_path(out, run_id)
+    key = str(lock_path(Path(out).resolve(), run_id))
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    lp.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = lp.read_text().split()
+            except OSError:
+                holder = []
+            who = f" (pid {holder[0]} on {holder[1]})" if len(holder) >= 2 else ""
+            raise RunBusyError(f"run {run_id} is running in another process{who}; wait for it to finish, or "
+                               f"use another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()} {time.time():.3f}\n".encode())
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD[key]
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Iterable, TextIO
 
 from ..params import ConfigError
-from .config import RunConfig, apply_override, config_from_dict, read_yaml_mapping
-from .store import ResultsStore
+from .config import (RunConfig, absolute_root, apply_override, config_from_dict, read_yaml_mapping,
+                     root_relative_to)
+from .store import ResultsStore, RunBusyError, lock_path, run_lock
 
 SWEEP_KEYS = ("name", "description", "base", "config", "set", "points", "grid", "out", "resources")
 BACKENDS = ("local", "ray")
@@ -141,7 +142,7 @@ def sweep_from_dict(tree: dict, source: Path | None = None, overrides: Iterable[
         base_path = Path(tree["base"])
         if not base_path.is_absolute() and source is not None:
             base_path = source.parent / base_path
-        base = read_yaml_mapping(base_path, "base: config file")
+        base = root_relative_to(read_yaml_mapping(base_path, "base: config file"), base_path.parent)
     if tree.get("config"):
         if not isinstance(tree["config"], dict):
             raise ConfigError("config: expected an inline run config (a mapping)")
@@ -160,8 +161,9 @@ def sweep_from_dict(tree: dict, source: Path | None = None, overrides: Iterable[
         _apply(t, fixed, "set")
         _apply(t, ov, f"point {i} ({ov})")
         t["progress"] = False   # no per-run progress bars under a sweep (not part of the run id)
+        root_relative_to(t, source.parent if source is not None else ".")  # a root set in the sweep file
         try:
-            cfg = config_from_dict(t, list(overrides))
+            cfg = absolute_root(config_from_dict(t, list(overrides)))
             cfg.validate()
         except ConfigError as e:
             raise ConfigError(f"point {i} ({' '.join(f'{k}={_short(v)}' for k, v in ov.items())}): {e}") from None
@@ -192,10 +194,6 @@ def load_sweep(path: str | Path, overrides: Iterable[str] = (), out: str | Path 
 
 # -- one point, in a worker process (local pool or Ray task) --------------------------------------------
 
-def lock_path(out: Path, run_id: str) -> Path:
-    return out / ".locks" / f"{run_id}.lock"
-
-
 def execute_point(config: dict, out: str, force: bool = False, threads: int | None = None) -> dict[str, Any]:
     """Run one sweep point unless it is finished already or another process holds its lock.
 
@@ -215,38 +213,29 @@ def execute_point(config: dict, out: str, force: bool = False, threads: int | No
     if _STOPPED:  # a local worker that saw Ctrl-C runs none of the calls still queued to it
         res.update(status="interrupted", error="sweep interrupted")
         return res
-    lp = lock_path(out_p, run_id)
-    lp.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            res.update(status="busy", error="running in another process")
+        with run_lock(out_p, run_id):
+            row = ResultsStore(out_p / "results.sqlite").get(run_id)
+            if row and row["status"] == "finished" and (out_p / run_id / "metrics.json").exists() and not force:
+                res["status"] = "skipped"
+                return res
+            # interrupted (or left 'running' by a killed process): continue from its checkpoints; failed or new: fresh
+            resume = bool(row) and row["status"] in ("interrupted", "running") and not force
+            t = time.perf_counter()
+            try:
+                run_experiment(cfg, out_p, resume=resume, force=force)
+                res["status"] = "finished"
+            except KeyboardInterrupt:
+                res.update(status="interrupted", error="KeyboardInterrupt")
+                _stop()
+            except Exception as e:  # recorded as failed in the store by run_experiment
+                res.update(status="failed", error=f"{type(e).__name__}: {e}")
+            res["seconds"] = time.perf_counter() - t
+            res["resumed"] = resume
             return res
-        row = ResultsStore(out_p / "results.sqlite").get(run_id)
-        if row and row["status"] == "finished" and (out_p / run_id / "metrics.json").exists() and not force:
-            res["status"] = "skipped"
-            return res
-        # interrupted (or left 'running' by a killed process): continue from its checkpoints; failed or new: fresh
-        resume = bool(row) and row["status"] in ("interrupted", "running") and not force
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {socket.gethostname()} {time.time():.3f}\n".encode())
-        t = time.perf_counter()
-        try:
-            run_experiment(cfg, out_p, resume=resume, force=force)
-            res["status"] = "finished"
-        except KeyboardInterrupt:
-            res.update(status="interrupted", error="KeyboardInterrupt")
-            _stop()
-        except Exception as e:  # recorded as failed in the store by run_experiment
-            res.update(status="failed", error=f"{type(e).__name__}: {e}")
-        res["seconds"] = time.perf_counter() - t
-        res["resumed"] = resume
-        os.ftruncate(fd, 0)
+    except RunBusyError:
+        res.update(status="busy", error="running in another process")
         return res
-    finally:
-        os.close(fd)   # releases the lock (also released by the OS if this process is killed)
 
 
 def claimed_pids(out: Path, run_ids: Iterable[str]) -> dict[str, tuple[int, str, float]]:

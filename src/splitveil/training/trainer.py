@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..data import DataBundle
 from ..defenses import DefenseStack, StepContext
 from ..models import SplitModel
-from ..params import require
+from ..params import CorruptFileError, require
 from ..utils import atomic_torch_save, progress, rng_state, set_rng_state
 
 log = logging.getLogger("splitveil.train")
@@ -41,11 +41,13 @@ class TrainConfig:
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or Inf loss; the message names the term."""
+    """Training produced a NaN or Inf loss, parameter or buffer; the message names it (and ``train.lr``)."""
 
 
 class Trainer:
     """Trains ``model`` (encoder + decoder) under ``defenses``; checkpoints every epoch and resumes exactly."""
+
+    run_id: str | None = None   # when set: stored in checkpoints, and a checkpoint of another run is refused
 
     def __init__(self, model: SplitModel, defenses: DefenseStack, data: DataBundle, cfg: TrainConfig,
                  device: torch.device, seed: int = 0, ckpt_path: str | Path | None = None, show_progress: bool = True,
@@ -112,7 +114,8 @@ class Trainer:
             terms = {"task": self.task_loss(logits, y), **self.defenses.loss(step)}
             for k, v in terms.items():
                 if not torch.isfinite(v):
-                    raise NonFiniteLossError(f"loss term '{k}' is {float(v)} at epoch {epoch + 1}, step {self.global_step}")
+                    raise NonFiniteLossError(f"training diverged: loss term '{k}' is {float(v.detach())} at epoch {epoch + 1}, "
+                                             f"step {self.global_step}; lower train.lr (now {self.cfg.lr:g})")
             loss = sum(terms.values())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -151,6 +154,7 @@ class Trainer:
             log.info("resumed from %s after epoch %d", self.ckpt_path, self.epoch)
         while self.epoch < self.cfg.epochs:
             stats = self.train_epoch()
+            self._check_finite_state()
             stats["epoch"] = self.epoch
             stats["test_accuracy"] = self.evaluate("test")
             stats["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -160,20 +164,36 @@ class Trainer:
                 self.save(self.ckpt_path)
         return self.history
 
+    def _check_finite_state(self) -> None:
+        """Diverged training can keep finite losses while weights or BN statistics overflow: check them all."""
+        named = [*self.model.named_parameters(), *self.model.named_buffers(), *self.defenses.named_parameters(),
+                 *self.defenses.named_buffers()]
+        for name, t in named:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise NonFiniteLossError(f"training diverged: '{name}' is not finite after epoch {self.epoch}; "
+                                         f"lower train.lr (now {self.cfg.lr:g})")
+
     # -- checkpoints (loaded with weights_only=True: no arbitrary unpickling) ----------------------------
     def state(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch, "global_step": self.global_step, "history": self.history,
             "model": self.model.state_dict(), "defenses": self.defenses.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "rng": rng_state(), "generator": self.generator.get_state(),
+            "rng": rng_state(), "generator": self.generator.get_state(), "run_id": self.run_id,
         }
 
     def save(self, path: str | Path) -> None:
         atomic_torch_save(self.state(), path)
 
     def load(self, path: str | Path) -> None:
-        st = torch.load(path, map_location=self.device, weights_only=True)
+        try:
+            st = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:
+            raise CorruptFileError(f"{path}: not a readable checkpoint ({type(e).__name__}); delete it to train "
+                                   f"from scratch (or re-run with --force)") from None
+        if self.run_id is not None and st.get("run_id") != self.run_id:
+            raise CorruptFileError(f"{path}: checkpoint of run {st.get('run_id')}, not of {self.run_id}; delete it "
+                                   f"(or re-run with --force)")
         self.defenses.prepare_load(st, self)
         self.model.load_state_dict(st["model"])
         self.defenses.load_state_dict(st["defenses"])
