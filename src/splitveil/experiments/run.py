@@ -163,4 +163,5 @@ def _execute(cfg: RunConfig, run_id: str, run_dir: Path, resume: bool) -> dict[s
         "timings": timings,
         "versions": versions(),
         "device": str(device),
+        "precision": trainer.amp.info(),  # resolved train.precision / train.channels_last
     }
