@@ -106,26 +106,48 @@ class DataBundle:
         n = len(split)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         stop = n - (n % batch_size) if drop_last and n >= batch_size else n
+        images, labels = device_resident(split, device)
+        order = order.to(images.device)
         for start in range(0, stop, batch_size):
             idx = order[start:start + batch_size]
-            imgs = split.images[idx]
+            imgs = images[idx]
             if augment:
                 imgs = random_crop_flip(imgs, generator)
-            yield self.to_model_input(imgs, device), split.labels[idx].to(device)
+            yield self.to_model_input(imgs, device), labels[idx].to(device)
+
+
+DEVICE_RESIDENT_MAX_BYTES = 2 * 1024 ** 3  # uint8 images of a split kept on a CUDA device up to this size
+
+
+def device_resident(split: ImageSplit, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split's uint8 images and labels where batches are cut: on a CUDA ``device`` a copy made once and
+    kept with the split (unless over ``DEVICE_RESIDENT_MAX_BYTES``), so batching never crosses the bus;
+    otherwise the split's own (CPU) tensors."""
+    device = torch.device(device)
+    if device.type != "cuda" or split.images.nbytes > DEVICE_RESIDENT_MAX_BYTES:
+        return split.images, split.labels
+    cache = getattr(split, "_on_device", None)
+    if cache is None or cache[0] != device or cache[1] is not split.images or cache[2] is not split.labels:
+        cache = (device, split.images, split.labels, split.images.to(device), split.labels.to(device))
+        split._on_device = cache  # type: ignore[attr-defined]
+    return cache[3], cache[4]
 
 
 def random_crop_flip(images: torch.Tensor, generator: torch.Generator | None, pad: int = 4) -> torch.Tensor:
-    """Standard CIFAR augmentation on a uint8 batch: random crop with zero padding and horizontal flip."""
-    n, _, h, w = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad))
+    """Standard CIFAR augmentation on a uint8 batch: random crop with zero padding and horizontal flip.
+
+    Offsets and flips are drawn on the CPU from ``generator`` (x offsets, y offsets, flips, in that order), so
+    the result is the same on every device; the crop is one gather, without a loop over images."""
+    n, c, h, w = images.shape
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     flip = torch.rand(n, generator=generator) < 0.5
-    out = torch.empty_like(images)
-    for i in range(n):  # per-image crop offsets; n is a batch, not the dataset
-        crop = padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
-        out[i] = crop.flip(-1) if flip[i] else crop
-    return out
+    dev = images.device
+    dx, dy, flip = dx.to(dev), dy.to(dev), flip.to(dev)
+    padded = F.pad(images, (pad, pad, pad, pad))
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)          # (n, c, 2*pad+1, 2*pad+1, h, w), a view
+    out = windows[torch.arange(n, device=dev), :, dy, dx]      # (n, c, h, w): each image's own crop
+    return torch.where(flip.view(n, 1, 1, 1), out.flip(-1), out)
 
 
 def resize_u8(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -255,4 +255,5 @@ def _execute(cfg: RunConfig, run_id: str, run_dir: Path, resume: bool) -> dict[s
         "versions": versions(),
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "precision": trainer.amp.info(),  # resolved train.precision / train.channels_last
     }

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from ..data import DataBundle
 from ..defenses import DefenseStack, StepContext
 from ..models import SplitModel
 from ..params import CorruptFileError, require
+from ..precision import DeviceMeter, MixedPrecision
 from ..utils import atomic_torch_save, progress, rng_state, set_rng_state
 
 log = logging.getLogger("splitveil.train")
@@ -31,6 +33,10 @@ class TrainConfig:
     milestones: list[int] = field(default_factory=list)  # epochs at which multistep multiplies lr by gamma
     gamma: float = 0.1
     grad_clip: float | None = None
+    # autocast mixed precision (parameters and optimizer state stay float32) and the memory layout of 4-D
+    # tensors; auto: bf16 + channels-last where the device runs bf16 fast, fp32 elsewhere (splitveil.precision)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool | Literal["auto"] = "auto"
 
     def validate(self) -> None:
         require(self.epochs >= 0, "epochs", "must be >= 0")
@@ -45,15 +51,22 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Trainer:
-    """Trains ``model`` (encoder + decoder) under ``defenses``; checkpoints every epoch and resumes exactly."""
+    """Trains ``model`` (encoder + decoder) under ``defenses``; checkpoints every epoch and resumes exactly.
+
+    The encoder and decoder run under ``cfg.precision`` (autocast) and ``cfg.channels_last``; the defenses'
+    hooks get float32, contiguous features and run outside autocast, and every loss is float32. The step
+    never waits for the device: losses and accuracy are summed on it and read every ``sync_every`` steps
+    (progress bar, non-finite check) and at the end of the epoch."""
 
     run_id: str | None = None   # when set: stored in checkpoints, and a checkpoint of another run is refused
 
     def __init__(self, model: SplitModel, defenses: DefenseStack, data: DataBundle, cfg: TrainConfig,
                  device: torch.device, seed: int = 0, ckpt_path: str | Path | None = None, show_progress: bool = True,
-                 augment: bool = False):
+                 augment: bool = False, sync_every: int = 25):
         self.model, self.defenses, self.data, self.cfg = model.to(device), defenses.to(device), data, cfg
         self.device, self.seed, self.show_progress, self.augment = device, seed, show_progress, augment
+        self.amp = MixedPrecision.create(cfg.precision, cfg.channels_last, device, field="train")
+        self.sync_every = max(1, int(sync_every))
         self.ckpt_path = Path(ckpt_path) if ckpt_path else None
         self.generator = torch.Generator().manual_seed(seed)  # data order and augmentation
         self.epoch = 0            # number of finished epochs
@@ -98,44 +111,53 @@ class Trainer:
     def train_epoch(self) -> dict[str, float]:
         self.model.train()
         self.defenses.train()
+        amp = self.amp
+        amp.prepare(self.model)  # channels-last weights (no-op when already, or when disabled)
         epoch = self.epoch
         self.defenses.on_epoch_start(self, epoch)
-        sums: dict[str, float] = {}
-        n_batches = n_correct = n_seen = 0
+        meter = DeviceMeter(self.device)
+        first_step = self.global_step
         batches = self.data.batches(self.data.train, self.cfg.batch_size, self.device, shuffle=True,
                                     generator=self.generator, augment=self.augment, drop_last=True)
         total = max(1, len(self.data.train) // self.cfg.batch_size)
         bar = progress(batches, self.show_progress, total=total, desc=f"train {epoch + 1}/{self.cfg.epochs}", leave=False)
         for x, y in bar:
-            z = self.model.encoder(x)
+            with amp.autocast():
+                z = self.model.encoder(amp.input(x))
+            z = z.float().contiguous()  # defenses see float32 features in the default layout
             z_sent = self.defenses.transform(z, training=True)
-            logits = self.model.decoder(z_sent)
+            with amp.autocast():
+                logits = self.model.decoder(z_sent)
+            logits = logits.float()
             step = StepContext(x, y, z, z_sent, logits, epoch, self.global_step)
             terms = {"task": self.task_loss(logits, y), **self.defenses.loss(step)}
-            for k, v in terms.items():
-                if not torch.isfinite(v):
-                    raise NonFiniteLossError(f"training diverged: loss term '{k}' is {float(v.detach())} at epoch {epoch + 1}, "
-                                             f"step {self.global_step}; lower train.lr (now {self.cfg.lr:g})")
             loss = sum(terms.values())
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.parameters(), self.cfg.grad_clip)
-            self.optimizer.step()
+            amp.backward_step(loss, self.optimizer, self.parameters() if self.cfg.grad_clip else None,
+                              self.cfg.grad_clip)
             self.defenses.after_step(step, self)
             self.global_step += 1
-            n_batches += 1
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            n_correct += int((logits.argmax(1) == y).sum())
-            n_seen += len(y)
-            bar.set_postfix(loss=f"{sums['task'] / n_batches:.3f}", acc=f"{n_correct / max(1, n_seen):.3f}")
+            meter.add(weight=len(y), correct=(logits.detach().argmax(1) == y).sum())
+            meter.add(**{f"loss.{k}": v for k, v in terms.items()})
+            if (self.global_step - first_step) % self.sync_every == 0:
+                means = self._check(meter, epoch, first_step)
+                bar.set_postfix(loss=f"{means['loss.task']:.3f}", acc=f"{means['correct']:.3f}")
+        means = self._check(meter, epoch, first_step)
         self.scheduler.step()
         self.epoch += 1
-        stats = {f"loss.{k}": v / max(1, n_batches) for k, v in sums.items()}
-        stats["train_accuracy"] = n_correct / max(1, n_seen)
+        stats = {k: v for k, v in means.items() if k.startswith("loss.")}
+        stats["train_accuracy"] = means.get("correct", 0.0)
         self.defenses.on_epoch_end(self, epoch)
         return stats
+
+    def _check(self, meter: DeviceMeter, epoch: int, first_step: int) -> dict[str, float]:
+        """One host sync: the running means; raises if a loss term was non-finite at any step so far."""
+        means = meter.means()
+        for k, v in means.items():
+            if k.startswith("loss.") and not math.isfinite(v):
+                raise NonFiniteLossError(f"loss term '{k[5:]}' became {v} in epoch {epoch + 1}, at a step in "
+                                         f"[{first_step}, {self.global_step - 1}]; training diverged: lower train.lr (now {self.cfg.lr:g})")
+        return means
 
     @torch.no_grad()
     def evaluate(self, split: str = "test", batch_size: int = 256) -> float:
@@ -149,9 +171,18 @@ class Trainer:
         return correct / max(1, len(part))
 
     def fit(self, resume: bool = False) -> list[dict[str, float]]:
+        """Train to ``cfg.epochs``; the model is handed back in the default (contiguous) layout."""
         if resume and self.ckpt_path and self.ckpt_path.exists():
             self.load(self.ckpt_path)
             log.info("resumed from %s after epoch %d", self.ckpt_path, self.epoch)
+        log.info("precision %s, channels_last %s", self.amp.precision, self.amp.channels_last)
+        try:
+            self._fit_epochs()
+        finally:
+            self.amp.release(self.model)
+        return self.history
+
+    def _fit_epochs(self) -> None:
         while self.epoch < self.cfg.epochs:
             stats = self.train_epoch()
             self._check_finite_state()
@@ -162,7 +193,6 @@ class Trainer:
             log.info("epoch %d: %s", self.epoch, {k: round(v, 4) for k, v in stats.items()})
             if self.ckpt_path:
                 self.save(self.ckpt_path)
-        return self.history
 
     def _check_finite_state(self) -> None:
         """Diverged training can keep finite losses while weights or BN statistics overflow: check them all."""
@@ -180,6 +210,7 @@ class Trainer:
             "model": self.model.state_dict(), "defenses": self.defenses.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(), "generator": self.generator.get_state(), "run_id": self.run_id,
+            "precision": self.amp.info(), "amp": self.amp.state_dict(),
         }
 
     def save(self, path: str | Path) -> None:
@@ -203,4 +234,5 @@ class Trainer:
         self.scheduler.load_state_dict(st["scheduler"])
         set_rng_state(st["rng"])
         self.generator.set_state(st["generator"])
+        self.amp.load_state_dict(st.get("amp"))  # a checkpoint of another precision resumes in this one
 
