@@ -10,6 +10,9 @@ def _common(p) -> None:
     p.add_argument("--out", default="runs", help="folder of gpz-<run-id>/ sweep folders (default: runs)")
     p.add_argument("--probe-images", type=int, default=1000,
                    help="test images whose features the probe uses (default 1000)")
+    p.add_argument("--bootstrap", type=int, default=200,
+                   help="stratified bootstrap resamples of the probe images for the R_c^2 and zone intervals "
+                        "(default 200; 0: none)")
 
 
 @command("gpz", "Golden Partition Zone sweep: probe (R_c^2, entropy bounds, cost) and attack every cut of one model")
@@ -21,32 +24,43 @@ class GPZCommand:
         p.add_argument("--no-attack", action="store_true", help="probe only (no inverse-network attack per cut)")
         p.add_argument("--compare-labels", metavar="FORMS",
                        help="train one model per label form and overlay them, e.g. onehot,ls+0.3,ls-0.05")
-        p.add_argument("--zone-signal", choices=["probe", "mse"], default="probe",
-                       help="what locates the transition zone (default: probe; mse needs the attack)")
-        p.add_argument("--min-drop", type=float, default=None,
-                       help="smallest relative drop of the within-class fraction that counts as a transition (0.10)")
+        p.add_argument("--seeds", default=None,
+                       help="with --compare-labels: seeds, e.g. 0,1,2 (one model per label form and seed; "
+                            "default: the config's seed)")
+        p.add_argument("--second-zone-gap", type=float, default=None,
+                       help="the paper's second-zone rule: a drop of at least this size between the two largest "
+                            "R_c^2 drops adds the second zone cut (default 0.2)")
 
     @staticmethod
     def handler(args) -> int:
-        from ..experiments.gpz import MIN_DROP, GPZSweep, markdown_table, run_compare, zone_summary
+        from ..experiments.gpz import SECOND_ZONE_GAP, GPZSweep, markdown_table, run_compare, zone_summary
         from ..params import ConfigError
 
         if args.probe_images < 2:
             raise ConfigError("--probe-images: must be >= 2")
         cfg = config_from_args(args)
-        min_drop = MIN_DROP if args.min_drop is None else args.min_drop
+        gap = SECOND_ZONE_GAP if args.second_zone_gap is None else args.second_zone_gap
         attack = not args.no_attack
+        seeds = None
+        if args.seeds:
+            try:
+                seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+            except ValueError:
+                raise ConfigError(f"--seeds: expected integers like 0,1,2, got {args.seeds!r}") from None
+            if not args.compare_labels:
+                raise ConfigError("--seeds: only with --compare-labels (a plain sweep uses the config's seed)")
         if args.compare_labels:
             forms = [f.strip() for f in args.compare_labels.split(",") if f.strip()]
-            res = run_compare(cfg, forms, args.out, args.cuts, attack, args.probe_images, args.zone_signal, min_drop)
-            for form, r in res["results"].items():
-                print(f"## {form}: accuracy {r['accuracy']:.4f}\n\n{markdown_table(r['rows'], r['zone'])}\n\n"
-                      f"{zone_summary(r['zone'])}\n")
+            res = run_compare(cfg, forms, args.out, args.cuts, attack, args.probe_images, seeds, gap, args.bootstrap)
+            for form, per_seed in res["results"].items():
+                for seed, r in per_seed.items():
+                    print(f"## {form}, seed {seed}: accuracy {r['accuracy']:.4f}\n\n"
+                          f"{markdown_table(r['rows'], r['zone'])}\n\n{zone_summary(r['zone'])}\n")
             print(res["table_md"])
             print(f"comparison in {res['dir']}")
             return 0
-        sweep = GPZSweep(cfg, args.out, args.probe_images)
-        res = sweep.run(args.cuts, attack, args.zone_signal, min_drop)
+        sweep = GPZSweep(cfg, args.out, args.probe_images, args.bootstrap)
+        res = sweep.run(args.cuts, attack, gap)
         print(f"{res['dataset']} {res['model']} ({res['defense']}): test accuracy {res['accuracy']:.4f}\n")
         print(markdown_table(res["rows"], res["zone"]))
         print(f"\n{zone_summary(res['zone'])}")
@@ -68,13 +82,16 @@ class ProbeCommand:
         from ..experiments.gpz import GPZSweep, parse_cuts
 
         cfg = config_from_args(args)
-        sweep = GPZSweep(cfg, args.out, args.probe_images).prepare()
+        sweep = GPZSweep(cfg, args.out, args.probe_images, args.bootstrap).prepare()
         (k,) = parse_cuts(str(args.cut), sweep.block_names)
         row = sweep.probe(k)
         print(f"{sweep.data.name} {cfg.model.name} ({sweep.defenses.label}): test accuracy {sweep.accuracy:.4f}")
         print(f"cut {k} ({row['block']}), features {tuple(row['shape'])}, {row['probe_images']} test images\n")
         print("| probe | value |\n|---|---|")
-        vals = [("d", f"{row['d']:,}"), ("R_c^2 mean", f"{row['rc2_mean']:.6g}"), ("R_c^2 std over classes", f"{row['rc2_std']:.4g}"),
+        ci = row.get("rc2_ci95")
+        vals = [("d", f"{row['d']:,}"), ("R_c^2 mean", f"{row['rc2_mean']:.6g}"),
+                ("R_c^2 mean, bootstrap 95% interval", f"{ci[0]:.6g}..{ci[1]:.6g}" if ci else "-"),
+                ("classes in R_c^2 (>= 2 images) / left out", f"{row['rc2_classes']} / {row['rc2_excluded']}"), ("R_c^2 std over classes", f"{row['rc2_std']:.4g}"),
                 ("R_c^2 max", f"{row['rc2_max']:.6g}"), ("sigma_feat^2", f"{row['sigma2']:.6g}"),
                 ("within-class fraction", f"{row['within_fraction']:.4f}"),
                 ("d/2 ln(2 pi e sigma_feat^2)", f"{row['h_feat_bound']:.6g}"),

@@ -29,6 +29,8 @@ class DataConfig:
     test_fraction: float = 0.2       # for datasets without an official test split
     augment: bool = False            # random crop + flip on training batches
     cache: bool = True               # cache decoded tensors on disk (SPLITVEIL_CACHE or ~/.cache/splitveil)
+    aux: dict | None = None          # attacker data from another dataset: {name, root (default: data.root)};
+                                     # aux_size images of its training pool, at this dataset's size and channels
 
     def validate(self) -> None:
         require(self.name in DATASETS, "name", f"unknown dataset '{self.name}'; registered: {', '.join(DATASETS.names())}")
@@ -40,6 +42,25 @@ class DataConfig:
         require(self.aux_size is None or self.aux_size > 0, "aux_size", "must be positive or null")
         require(0.0 < self.aux_fraction < 1.0, "aux_fraction", "must be in (0, 1)")
         require(0.0 < self.test_fraction < 1.0, "test_fraction", "must be in (0, 1)")
+        if self.aux is not None:
+            require(isinstance(self.aux, dict) and "name" in self.aux, "aux",
+                    "must be a mapping with the attacker's dataset name, e.g. {name: mnist, root: ...}, or null")
+            unknown = sorted(set(self.aux) - AUX_FIELDS)
+            require(not unknown, "aux", f"unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(AUX_FIELDS))}")
+            require(self.aux["name"] in DATASETS, "aux.name",
+                    f"unknown dataset '{self.aux['name']}'; registered: {', '.join(DATASETS.names())}")
+
+
+AUX_FIELDS = {"name", "root"}
+
+
+def aux_data_config(cfg: DataConfig, channels: int) -> DataConfig:
+    """The DataConfig that loads ``cfg.aux``: its own name and root (default: ``cfg.root``), this dataset's image
+    size and ``channels`` (so the attacker's images match the victim's after preprocessing)."""
+    a = cfg.aux or {}
+    return DataConfig(name=a["name"], root=a.get("root", cfg.root),
+                      image_size=cfg.image_size or DATASETS.get(cfg.name).default_image_size,
+                      channels=channels, cache=cfg.cache)
 
 
 def cache_dir() -> Path:
@@ -155,6 +176,8 @@ def build_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
         test = ImageSplit(raw.test_images, raw.test_labels, te_idx, "test")
         pool_idx = torch.arange(len(pool_y))
     n_aux = cfg.aux_size if cfg.aux_size is not None else max(1, round(cfg.aux_fraction * len(pool_idx)))
+    if cfg.aux is not None:   # the attacker's data is another dataset: nothing is held out of this one
+        n_aux = 0
     if n_aux >= len(pool_idx):
         raise ConfigError(f"data.aux_size: {n_aux} leaves no training images (pool has {len(pool_idx)})")
     perm = pool_idx[torch.randperm(len(pool_idx), generator=g)]
@@ -163,6 +186,8 @@ def build_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
     test_sel = _take(cfg.test_size, torch.randperm(len(test), generator=g))
     train = ImageSplit(pool_x[train_idx], pool_y[train_idx], train_idx, "train")
     aux = ImageSplit(pool_x[aux_idx], pool_y[aux_idx], aux_idx, "train")
+    if cfg.aux is not None:
+        aux = _other_aux(cfg, train.images.shape[1:], n_aux_other=cfg.aux_size, g=g)
     test = test.subset(test_sel)
     if info.mean is not None and len(info.mean) == train.images.shape[1]:
         mean, std = info.mean, info.std
@@ -171,3 +196,20 @@ def build_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
         mean = tuple(float(v) for v in x.mean(dim=(0, 2, 3)))
         std = tuple(max(float(v), 1e-3) for v in x.std(dim=(0, 2, 3)))
     return DataBundle(cfg.name, train, test, aux, len(raw.class_names), raw.class_names, mean, std)
+
+
+def _other_aux(cfg: DataConfig, shape: torch.Size, n_aux_other: int | None, g: torch.Generator) -> ImageSplit:
+    """``aux_size`` images (default: all) drawn at random from the training pool of the dataset ``cfg.aux`` names,
+    loaded at this dataset's image size and channels; its labels are its own classes (``source`` 'aux:<name>')."""
+    acfg = aux_data_config(cfg, int(shape[0]))
+    try:
+        raw = load_raw(acfg)
+    except ConfigError as e:
+        raise ConfigError(f"data.aux: {e}") from None
+    if tuple(raw.train_images.shape[1:]) != tuple(shape):
+        raise ConfigError(f"data.aux: '{acfg.name}' images are {tuple(raw.train_images.shape[1:])} after "
+                          f"preprocessing, the victim's are {tuple(shape)}")
+    idx = torch.randperm(len(raw.train_labels), generator=g)
+    idx = _take(n_aux_other, idx)
+    return ImageSplit(raw.train_images[idx], raw.train_labels[idx], idx, f"aux:{acfg.name}")
+

@@ -86,13 +86,13 @@ def _load_cifar10(root: Path, image_size: int, channels: int | None) -> RawData:
     if not batches.is_dir() and root.name == "cifar-10-batches-py":
         batches = root
     if batches.is_dir():
-        import pickle
+        from .safe_pickle import safe_load
 
         def read(names):
             xs, ys = [], []
             for n in names:
                 with open(batches / n, "rb") as fh:
-                    d = pickle.load(fh, encoding="latin1")  # the official CIFAR batch format
+                    d = safe_load(fh)  # the official CIFAR batch format; numpy arrays and builtins only
                 xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 ys.append(np.asarray(d["labels"], dtype=np.int64))
             return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))

@@ -27,7 +27,8 @@ from torch import nn
 from ..attacks import ATTACKS, run_attack, transmitted
 from ..data import build_data
 from ..defenses import Edge, build_defenses
-from ..metrics import count_params, flops_per_image, payload_bytes, probe_values
+from ..metrics import count_params, flops_per_image, payload_bytes
+from ..metrics.probes import bootstrap_mean_radius, probe_values
 from ..models import SplitModel, create_model
 from ..params import ConfigError, coerce
 from ..training import Trainer
@@ -36,9 +37,18 @@ from .config import RunConfig
 
 log = logging.getLogger("splitveil.gpz")
 
-MSE_THRESHOLD = 0.02     # the paper's "high-fidelity reconstruction" threshold (MSE on [0, 1] images)
-MIN_DROP = 0.10          # smallest relative drop of the within-class fraction that counts as a transition
-ZONE_WIDTH = 0.5         # neighbouring drops of at least this share of the largest one widen the zone
+PAPER_MSE_SUMMED_THRESHOLD = 0.02   # the GPZ paper's "MSE < 0.02 is high fidelity"; its MSE sums over channels
+SECOND_ZONE_GAP = 0.2               # the paper code's second-zone rule: an intermediate drop of at least this size
+BOOTSTRAP_RESAMPLES = 200           # stratified bootstrap resamples of the probe images (R_c^2 and zone intervals)
+PROBE_VERSION = 2                   # rows.json rows of an older probe (singleton classes counted, no bootstrap) are redone
+
+
+def paper_fidelity_threshold(channels: int) -> float:
+    """The paper's high-fidelity threshold in splitveil's units (per-element MSE on [0, 1] images): its MSE sums
+    over channels (0.021 sits next to 21.5 dB PSNR), so its 0.02 is 0.02 / C per element (0.0067 for RGB)."""
+    if channels < 1:
+        raise ValueError("channels must be >= 1")
+    return PAPER_MSE_SUMMED_THRESHOLD / channels
 
 
 # -- cut selection and label forms -------------------------------------------------------------------------
@@ -83,81 +93,112 @@ def label_form_defense(form: str) -> dict[str, Any]:
 
 # -- transition-zone detection -------------------------------------------------------------------------------
 ZONE_METHOD = (
-    "probe: within-class fraction w_k = mean_c R_c^2 / tr(Sigma) at every swept cut, divided by its value at "
-    "the first (feature-level) cut; the zone is the largest drop of this ratio between consecutive cuts "
-    "(at least {min_drop}), widened to adjacent drops of at least {width:.0%} of it; it runs from the last cut "
-    "before the drop to the first cut after it. mse: the first cut from which the attack's MSE stays >= "
-    "{thr} (the paper's high-fidelity threshold); the zone is that cut and the one before it."
+    "paper (GPZ code's rule): the class-mean R_c^2 at every swept cut; relative drop between consecutive swept "
+    "cuts p = (R_prev - R_next) / R_prev; the zone is the first cut after the largest drop. Second zone: the "
+    "cut after the second-largest drop is added when some drop strictly between the two is at least "
+    "{gap} in magnitude. No zone when no drop is positive. R_c^2 over classes with >= 2 probe images, true "
+    "labels (the paper's code uses predicted labels of one batch). Interval: the zone of each of {b} stratified "
+    "bootstrap resamples of the probe images."
 )
 
 
-def detect_zone(rows: list[dict[str, Any]], signal: str = "probe", min_drop: float = MIN_DROP,
-                mse_threshold: float = MSE_THRESHOLD) -> dict[str, Any]:
-    """Locate the transition zone in sweep ``rows`` (each with ``cut``, ``block``, ``within_fraction`` and
-    optionally ``mse``). Returns the zone from the requested ``signal`` (``probe`` or ``mse``) and, for
-    reference, what the other signal says; ``signal`` in the result names the one actually used."""
-    if signal not in ("probe", "mse"):
-        raise ConfigError(f"zone signal must be 'probe' or 'mse', got '{signal}'")
+def paper_zone(cuts: list[int], rc2: list[float], gap: float = SECOND_ZONE_GAP) -> dict[str, Any]:
+    """The GPZ paper code's zone rule on a profile: ``rc2[i]`` is the class-mean R_c^2 at swept cut ``cuts[i]``.
+
+    Returns ``drops`` (relative drop into each cut after the first), ``zone_cuts`` (one cut, or two with the
+    second-zone rule), ``first_drop_cut`` and ``found`` (False when fewer than 2 cuts or no drop is positive)."""
+    if len(cuts) != len(rc2):
+        raise ValueError("cuts and rc2 differ in length")
+    drops = [(rc2[i - 1] - rc2[i]) / rc2[i - 1] if rc2[i - 1] != 0 else 0.0 for i in range(1, len(rc2))]
+    out: dict[str, Any] = {"found": False, "drops": drops, "zone_cuts": []}
+    if not drops:
+        return out
+    order = sorted(range(len(drops)), key=lambda i: drops[i], reverse=True)   # stable: ties go to the shallower
+    i = order[0]
+    out["max_drop"] = drops[i]
+    if drops[i] <= 0:
+        return out
+    zone = [cuts[i + 1]]
+    if len(order) > 1:
+        j = order[1]
+        lo, hi = min(i, j) + 1, max(i, j)
+        if any(abs(drops[m]) >= gap for m in range(lo, hi)):
+            zone.append(cuts[j + 1])
+            out["second_drop"] = drops[j]
+    out.update(found=True, zone_cuts=zone, first_drop_cut=cuts[i + 1])
+    return out
+
+
+def _percentile(sorted_vals: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]) of an ascending list."""
+    k = min(len(sorted_vals) - 1, max(0, math.ceil(q / 100 * len(sorted_vals)) - 1))
+    return sorted_vals[k]
+
+
+def detect_zone(rows: list[dict[str, Any]], gap: float = SECOND_ZONE_GAP, channels: int | None = None) -> dict[str, Any]:
+    """Locate the transition zone in sweep ``rows`` (each with ``cut``, ``block``, ``rc2_mean`` and optionally
+    ``rc2_boot`` (bootstrap resamples of it) and ``mse``) by the paper's rule (see ``paper_zone``).
+
+    With ``rc2_boot`` in every row, ``bootstrap`` gives how often each cut is the (first) zone cut over the
+    resamples, the share that agrees with the point estimate and a 95% percentile interval of the zone cut.
+    With ``mse`` in every row and ``channels``, ``fidelity`` lists the cuts whose attack MSE is below the paper's
+    high-fidelity threshold (``paper_fidelity_threshold``)."""
     rows = sorted(rows, key=lambda r: r["cut"])
-    out: dict[str, Any] = {"requested_signal": signal, "min_drop": min_drop, "mse_threshold": mse_threshold,
-                           "method": ZONE_METHOD.format(min_drop=min_drop, width=ZONE_WIDTH, thr=mse_threshold)}
-    # probe signal
-    w = [float(r["within_fraction"]) for r in rows]
-    rel = [x / w[0] if w and w[0] > 0 else 0.0 for x in w]
-    drops = [rel[i] - rel[i + 1] for i in range(len(rel) - 1)]
-    probe: dict[str, Any] = {"found": False, "relative_within_fraction": rel, "drops": drops}
-    if drops and max(drops) >= min_drop:
-        i = max(range(len(drops)), key=drops.__getitem__)
-        lo = hi = i
-        while lo - 1 >= 0 and drops[lo - 1] >= ZONE_WIDTH * drops[i]:
-            lo -= 1
-        while hi + 1 < len(drops) and drops[hi + 1] >= ZONE_WIDTH * drops[i]:
-            hi += 1
-        probe.update(found=True, start_cut=rows[lo]["cut"], end_cut=rows[hi + 1]["cut"], max_drop=drops[i],
-                     max_drop_cut=rows[i + 1]["cut"])
-    elif drops:
-        probe["max_drop"] = max(drops)
-    # mse signal
-    mse: dict[str, Any] = {"found": False, "available": bool(rows) and all(r.get("mse") is not None for r in rows)}
-    if mse["available"]:
-        first = None
-        for i in range(len(rows) - 1, -1, -1):
-            if rows[i]["mse"] >= mse_threshold:
-                first = i
-            else:
-                break
-        if first is not None:
-            mse.update(found=True, stays_above_cut=rows[first]["cut"], start_cut=rows[max(0, first - 1)]["cut"],
-                       end_cut=rows[first]["cut"])
-    out["probe"], out["mse"] = probe, mse
-    used = signal
-    if signal == "mse" and not mse["available"]:
-        used = "probe"
-        out["note"] = "no attack results at every cut: the zone comes from the probe"
-    chosen = probe if used == "probe" else mse
-    out["signal"] = used
-    out["found"] = chosen["found"]
-    if chosen["found"]:
-        names = {r["cut"]: r["block"] for r in rows}
-        out.update(start_cut=chosen["start_cut"], end_cut=chosen["end_cut"],
-                   start_block=names[chosen["start_cut"]], end_block=names[chosen["end_cut"]])
+    cuts = [r["cut"] for r in rows]
+    pz = paper_zone(cuts, [float(r["rc2_mean"]) for r in rows], gap)
+    nb = min((len(r["rc2_boot"]) for r in rows), default=0) if rows and all(r.get("rc2_boot") for r in rows) else 0
+    out: dict[str, Any] = {"rule": "paper", "second_zone_gap": gap, "found": pz["found"], "drops": pz["drops"],
+                           "zone_cuts": pz["zone_cuts"], "method": ZONE_METHOD.format(gap=gap, b=nb or "no")}
+    if "max_drop" in pz:
+        out["max_drop"] = pz["max_drop"]
+    names = {r["cut"]: r["block"] for r in rows}
+    if pz["found"]:
+        out.update(start_cut=min(pz["zone_cuts"]), end_cut=max(pz["zone_cuts"]), first_drop_cut=pz["first_drop_cut"],
+                   zone_blocks=[names[k] for k in pz["zone_cuts"]])
+        out.update(start_block=names[out["start_cut"]], end_block=names[out["end_cut"]])
+    if nb:
+        firsts = []
+        for b in range(nb):
+            z = paper_zone(cuts, [float(r["rc2_boot"][b]) for r in rows], gap)
+            firsts.append(z["first_drop_cut"] if z["found"] else None)
+        found = sorted(k for k in firsts if k is not None)
+        counts = {str(k): firsts.count(k) for k in sorted(set(found))}
+        boot: dict[str, Any] = {"resamples": nb, "found_share": len(found) / nb, "first_cut_counts": counts}
+        if found:
+            boot["first_cut_ci95"] = [_percentile(found, 2.5), _percentile(found, 97.5)]
+        if pz["found"]:
+            boot["agreement"] = firsts.count(pz["first_drop_cut"]) / nb
+        out["bootstrap"] = boot
+    if channels and rows and all(r.get("mse") is not None for r in rows):
+        thr = paper_fidelity_threshold(channels)
+        high = [r["cut"] for r in rows if r["mse"] < thr]
+        out["fidelity"] = {"threshold_per_element": thr, "paper_threshold_summed": PAPER_MSE_SUMMED_THRESHOLD,
+                           "channels": channels, "high_fidelity_cuts": high,
+                           "deepest_high_fidelity_cut": max(high) if high else None}
     return out
 
 
 def zone_summary(zone: dict[str, Any]) -> str:
     if not zone["found"]:
-        why = (f"the within-class fraction never drops by {zone['min_drop']} of its feature-level value"
-               if zone["signal"] == "probe" else f"the MSE does not stay above {zone['mse_threshold']}")
-        return f"no transition zone found (signal: {zone['signal']}; {why})"
-    s = (f"transition zone: cuts {zone['start_cut']}..{zone['end_cut']} ({zone['start_block']} -> {zone['end_block']}), "
-         f"signal: {zone['signal']}")
-    if zone["signal"] == "probe":
-        s += f" (largest relative drop of the within-class fraction: {zone['probe']['max_drop']:.3f})"
-    m = zone["mse"]
-    if m.get("found"):
-        s += f"; attack MSE stays >= {zone['mse_threshold']} from cut {m['stays_above_cut']}"
-    elif m.get("available"):
-        s += f"; attack MSE does not stay >= {zone['mse_threshold']}"
+        s = "no transition zone found (paper's rule: R_c^2 never drops between consecutive swept cuts)"
+    else:
+        blocks = ", ".join(f"{k} ({b})" for k, b in zip(zone["zone_cuts"], zone["zone_blocks"]))
+        s = (f"transition zone (paper's rule): cut {blocks}; largest relative R_c^2 drop {zone['max_drop']:.3f} "
+             f"into cut {zone['first_drop_cut']}")
+        if len(zone["zone_cuts"]) > 1:
+            s += " (second zone by the paper's second-zone rule)"
+    b = zone.get("bootstrap")
+    if b:
+        s += f"; bootstrap ({b['resamples']} resamples of the probe images): zone found in {b['found_share']:.0%}"
+        if "first_cut_ci95" in b:
+            s += f", zone cut 95% interval {b['first_cut_ci95'][0]}..{b['first_cut_ci95'][1]}"
+        if "agreement" in b:
+            s += f", {b['agreement']:.0%} agree with cut {zone['first_drop_cut']}"
+    f = zone.get("fidelity")
+    if f:
+        s += (f"; high-fidelity reconstructions (MSE < {f['threshold_per_element']:.4g} per element = the paper's "
+              f"{f['paper_threshold_summed']} summed over {f['channels']} channels) up to cut "
+              f"{f['deepest_high_fidelity_cut'] if f['deepest_high_fidelity_cut'] is not None else '- (none)'}")
     return s
 
 
@@ -165,7 +206,8 @@ def zone_summary(zone: dict[str, Any]) -> str:
 class GPZSweep:
     """One trained model, probed (and attacked) at many cuts. ``prepare()`` trains or reloads the model."""
 
-    def __init__(self, cfg: RunConfig, out: str | Path = "runs", probe_images: int = 1000):
+    def __init__(self, cfg: RunConfig, out: str | Path = "runs", probe_images: int = 1000,
+                 bootstrap: int = BOOTSTRAP_RESAMPLES):
         self.notes: list[str] = []
         if cfg.model.bottleneck_channels is not None or cfg.model.sigmoid:
             self.notes.append("model.bottleneck_channels / model.sigmoid ignored: the GPZ sweep cuts the plain "
@@ -173,6 +215,9 @@ class GPZSweep:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, bottleneck_channels=None, sigmoid=False))
         self.cfg = cfg
         self.probe_images = probe_images
+        if bootstrap < 0:
+            raise ConfigError("--bootstrap: must be >= 0 (0: no bootstrap interval)")
+        self.bootstrap = int(bootstrap)
         self.out = Path(out)
         self.run_dir = self.out / f"gpz-{cfg.run_id()}"
         self.rows_path = self.run_dir / "rows.json"
@@ -241,11 +286,17 @@ class GPZSweep:
         split = self.data.test.subset(torch.arange(n))
         z, _ = transmitted(edge, self.data, split, self.device, self.cfg.seed + 7, self.cfg.eval.batch_size)
         pv = probe_values(z, split.labels, self.data.num_classes)
+        boot: dict[str, Any] = {"rc2_boot": None, "rc2_ci95": None}
+        if self.bootstrap:
+            bs = bootstrap_mean_radius(z, split.labels, self.bootstrap, self.cfg.seed + 11).tolist()
+            srt = sorted(bs)
+            boot = {"rc2_boot": bs, "rc2_ci95": [_percentile(srt, 2.5), _percentile(srt, 97.5)]}
         shape = tuple(z.shape[1:])
         enc_params = count_params(edge.encoder)
         enc_flops = flops_per_image(edge.encoder, self.data.image_shape, self.device)
         return {
             "cut": k, "block": self.block_names[k - 1], "shape": list(shape), "probe_images": n,
+            "probe_version": PROBE_VERSION, "bootstrap": self.bootstrap, **boot,
             **{key: v for key, v in pv.items() if key != "rc2_per_class"},
             "rc2_per_class": {str(c): v for c, v in pv["rc2_per_class"].items()},
             "edge_params": enc_params, "edge_params_share": enc_params / max(1, self.full_params),
@@ -276,15 +327,16 @@ class GPZSweep:
                 if key in result}
 
     # -- the whole sweep ------------------------------------------------------------------------------------
-    def run(self, cuts: str | Iterable[int | str] | None = "all", attack: bool = True, zone_signal: str = "probe",
-            min_drop: float = MIN_DROP) -> dict[str, Any]:
+    def run(self, cuts: str | Iterable[int | str] | None = "all", attack: bool = True,
+            gap: float = SECOND_ZONE_GAP) -> dict[str, Any]:
         self.prepare()
         ks = parse_cuts(cuts, self.block_names)
         done = self.load_rows()
         for k in ks:
             row = done.get(k)
-            if row is None:
-                row = self.probe(k)
+            if row is None or row.get("probe_version") != PROBE_VERSION or row.get("bootstrap") != self.bootstrap:
+                kept = {key: v for key, v in (row or {}).items() if key in ATTACK_KEYS}
+                row = {**self.probe(k), **kept}
                 self._save_row(row)
                 log.info("cut %d %s: d %d, R_c^2 %.4g, within-fraction %.4f", k, row["block"], row["d"],
                          row["rc2_mean"], row["within_fraction"])
@@ -295,9 +347,8 @@ class GPZSweep:
             done[k] = row
         rows = [done[k] for k in ks]
         if not attack:  # a probe-only sweep: attack numbers of earlier runs are kept in rows.json, not shown
-            rows = [{key: v for key, v in r.items() if key not in ("mse", "mse_std", "psnr", "psnr_std", "ssim",
-                                                                    "ssim_std", "fit_seconds")} for r in rows]
-        zone = detect_zone(rows, zone_signal, min_drop)
+            rows = [{key: v for key, v in r.items() if key not in ATTACK_KEYS} for r in rows]
+        zone = detect_zone(rows, gap, channels=self.data.image_shape[0])
         result = {"run_dir": str(self.run_dir), "model": self.cfg.model.name, "dataset": self.data.name,
                   "defense": self.defenses.label, "accuracy": self.accuracy, "rows": rows, "zone": zone,
                   "notes": self.notes}
@@ -330,9 +381,12 @@ class GPZSweep:
         result["files"] = files
 
 
+ATTACK_KEYS = ("mse", "mse_std", "psnr", "psnr_std", "ssim", "ssim_std", "fit_seconds")
+
+
 # -- tables --------------------------------------------------------------------------------------------------
 def _in_zone(zone: dict[str, Any], k: int) -> bool:
-    return bool(zone.get("found")) and zone["start_cut"] <= k <= zone["end_cut"]
+    return bool(zone.get("found")) and k in zone["zone_cuts"]
 
 
 def _f(v: Any, fmt: str) -> str:
@@ -345,15 +399,18 @@ def _f(v: Any, fmt: str) -> str:
 
 def markdown_table(rows: list[dict[str, Any]], zone: dict[str, Any]) -> str:
     attack = any(r.get("mse") is not None for r in rows)
-    head = ["cut", "block", "shape", "d", "R_c^2 mean +- std", "within-class frac", "sigma_feat^2",
+    head = ["cut", "block", "shape", "d", "R_c^2 mean +- std", "R_c^2 95% CI", "drop", "within-class frac", "sigma_feat^2",
             "d/2 ln(2pie s^2)", "D/2 ln(2pie R^2/D)+lnK", "edge params %", "edge FLOPs %", "payload B"]
     if attack:
         head += ["MSE", "PSNR", "SSIM"]
     head.append("zone")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    drops = dict(zip([r["cut"] for r in rows[1:]], zone.get("drops", [])))
     for r in rows:
+        ci = r.get("rc2_ci95")
         cells = [str(r["cut"]), r["block"], "x".join(map(str, r["shape"])), str(r["d"]),
-                 f"{_f(r['rc2_mean'], '.4g')} +- {_f(r['rc2_std'], '.2g')}", _f(r["within_fraction"], ".4f"),
+                 f"{_f(r['rc2_mean'], '.4g')} +- {_f(r['rc2_std'], '.2g')}",
+                 f"{ci[0]:.4g}..{ci[1]:.4g}" if ci else "-", _f(drops.get(r["cut"]), ".3f"), _f(r["within_fraction"], ".4f"),
                  _f(r["sigma2"], ".4g"), _f(r["h_feat_bound"], ".4g"), _f(r["h_dec_bound"], ".4g"),
                  _f(100 * r["edge_params_share"], ".1f"), _f(100 * r["edge_flops_share"], ".1f"), f"{r['payload_bytes']:,}"]
         if attack:
@@ -363,10 +420,11 @@ def markdown_table(rows: list[dict[str, Any]], zone: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-CSV_FIELDS = ["cut", "block", "shape", "d", "probe_images", "rc2_mean", "rc2_std", "rc2_max", "rc2_per_class", "sigma2",
+CSV_FIELDS = ["cut", "block", "shape", "d", "probe_images", "rc2_mean", "rc2_ci_low", "rc2_ci_high", "rc2_std", "rc2_max",
+              "rc2_classes", "rc2_excluded", "rc2_per_class", "sigma2",
               "within_fraction", "h_feat_bound", "h_dec_bound", "num_classes", "edge_params", "edge_params_share",
               "edge_flops", "edge_flops_share", "payload_bytes", "mse", "mse_std", "psnr", "ssim", "in_zone",
-              "zone_signal"]
+              "zone_rule"]
 
 
 def csv_text(rows: list[dict[str, Any]], zone: dict[str, Any]) -> str:
@@ -374,58 +432,114 @@ def csv_text(rows: list[dict[str, Any]], zone: dict[str, Any]) -> str:
     w = csv.DictWriter(buf, CSV_FIELDS, extrasaction="ignore")
     w.writeheader()
     for r in rows:
-        w.writerow({**r, "shape": "x".join(map(str, r["shape"])),
+        ci = r.get("rc2_ci95") or [None, None]
+        w.writerow({**r, "shape": "x".join(map(str, r["shape"])), "rc2_ci_low": ci[0], "rc2_ci_high": ci[1],
                     "rc2_per_class": ";".join(f"{c}:{v:.6g}" for c, v in r["rc2_per_class"].items()),
-                    "in_zone": int(_in_zone(zone, r["cut"])), "zone_signal": zone["signal"]})
+                    "in_zone": int(_in_zone(zone, r["cut"])), "zone_rule": zone["rule"]})
     return buf.getvalue()
 
 
 # -- label forms compared ------------------------------------------------------------------------------------
+def with_label_form(defense: dict[str, Any] | None, form: str) -> dict[str, Any]:
+    """The configured ``defense`` block with the label form added: ``onehot`` keeps it as it is, ``ls<alpha>``
+    stacks label smoothing on it. A configured defense that already smooths labels is refused (the label form
+    would silently replace or double it)."""
+    spec = dict(defense or {"name": "none"})
+    ls = label_form_defense(form)
+    if ls["name"] == "none":
+        return spec
+    raw = spec.get("name", "none")
+    names = [n for n in ([raw] if isinstance(raw, str) else list(raw or [])) if n != "none"]
+    if "label_smoothing" in names or "label_smoothing" in spec:
+        raise ConfigError("defense.name: the configured defense already uses label_smoothing; --compare-labels sets "
+                          "the label form itself: remove label_smoothing from the defense or run without "
+                          "--compare-labels")
+    if not names:
+        return dict(ls)
+    out = {k: v for k, v in spec.items() if k != "name"}
+    out["name"] = names + ["label_smoothing"]
+    out["label_smoothing"] = {"alpha": ls["alpha"]}
+    return out
+
+
+def _mean_std(vals: list[float]) -> tuple[float, float]:
+    m = sum(vals) / len(vals)
+    return m, (math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0)
+
+
 def run_compare(cfg: RunConfig, forms: list[str], out: str | Path = "runs", cuts: Any = "all", attack: bool = True,
-                probe_images: int = 1000, zone_signal: str = "probe", min_drop: float = MIN_DROP) -> dict[str, Any]:
-    """One model per label form (``onehot``, ``ls+0.3``, ...), each swept; overlays of R_c^2 and MSE."""
+                probe_images: int = 1000, seeds: Iterable[int] | None = None, gap: float = SECOND_ZONE_GAP,
+                bootstrap: int = BOOTSTRAP_RESAMPLES) -> dict[str, Any]:
+    """One model per (label form, seed), each swept (``onehot``, ``ls+0.3``, ...; the configured defense is
+    kept and label smoothing stacked on it); per cut the mean and seed std (sample std over seeds) of R_c^2 and
+    MSE per form, and overlays of R_c^2 and MSE. ``seeds`` default: the config's seed only."""
     from ..report.gpz_plots import plot_compare
 
     if not forms:
         raise ConfigError("--compare-labels: give at least one label form")
-    specs = {f: label_form_defense(f) for f in forms}
+    seeds = [cfg.seed] if seeds is None else [int(s) for s in seeds]
+    if not seeds:
+        raise ConfigError("--seeds: give at least one seed")
+    specs = {f: with_label_form(cfg.defense, f) for f in forms}
     for spec in specs.values():
         build_defenses(spec)   # fails early (naming the defense) if label smoothing is not available
-    results = {}
+    results: dict[str, dict[int, dict[str, Any]]] = {}
     for form, spec in specs.items():
-        log.info("gpz compare: label form %s", form)
-        sweep = GPZSweep(dataclasses.replace(cfg, defense=spec), out, probe_images)
-        results[form] = sweep.run(cuts, attack, zone_signal, min_drop)
-    key = hashlib.sha256(json.dumps(sorted(r["run_dir"] for r in results.values())).encode()).hexdigest()[:10]
+        results[form] = {}
+        for seed in seeds:
+            log.info("gpz compare: label form %s, seed %d", form, seed)
+            sweep = GPZSweep(dataclasses.replace(cfg, defense=spec, seed=seed), out, probe_images, bootstrap)
+            results[form][seed] = sweep.run(cuts, attack, gap)
+    key = hashlib.sha256(json.dumps(sorted(r["run_dir"] for rs in results.values() for r in rs.values())).encode()
+                         ).hexdigest()[:10]
     cdir = Path(out) / f"gpz-compare-{cfg.name}-{key}"
     cdir.mkdir(parents=True, exist_ok=True)
-    lines = ["| label form | accuracy | zone | deepest cut R_c^2 | deepest cut within-class frac | deepest cut MSE |",
+    n = len(seeds)
+    lines = [f"Seeds: {', '.join(map(str, seeds))}; mean +- sample std over seeds.\n",
+             "| label form | defense | accuracy | zone cut per seed (paper's rule) | deepest cut R_c^2 | deepest cut MSE |",
              "|---|---|---|---|---|---|"]
     csv_rows = []
-    for form, res in results.items():
-        last = res["rows"][-1]
-        z = res["zone"]
-        zs = f"{z['start_block']}->{z['end_block']} ({z['signal']})" if z["found"] else f"none ({z['signal']})"
-        lines.append(f"| {form} | {res['accuracy']:.4f} | {zs} | {last['rc2_mean']:.4g} | {last['within_fraction']:.4f} | "
-                     f"{_f(last.get('mse'), '.4f')} |")
-        for r in res["rows"]:
-            csv_rows.append({"label_form": form, "accuracy": res["accuracy"], **r})
-    per_cut = ["| cut | block | " + " | ".join(f"{f} R_c^2 / within / MSE" for f in results) + " |",
-               "|---|---|" + "---|" * len(results)]
-    first = next(iter(results.values()))["rows"]
-    for i, r in enumerate(first):
-        cells = [f"{res['rows'][i]['rc2_mean']:.4g} / {res['rows'][i]['within_fraction']:.4f} / "
-                 f"{_f(res['rows'][i].get('mse'), '.4f')}" for res in results.values()]
-        per_cut.append(f"| {r['cut']} | {r['block']} | " + " | ".join(cells) + " |")
-    md = "# GPZ label-form comparison\n\n" + "\n".join(lines) + "\n\n" + "\n".join(per_cut) + "\n"
+    summary: dict[str, Any] = {}
+    for form, per_seed in results.items():
+        res = list(per_seed.values())
+        acc = _mean_std([r["accuracy"] for r in res])
+        zones = ["+".join(map(str, r["zone"]["zone_cuts"])) if r["zone"]["found"] else "none" for r in res]
+        rc_last = _mean_std([r["rows"][-1]["rc2_mean"] for r in res])
+        mse_last = [r["rows"][-1].get("mse") for r in res]
+        ms = _mean_std(mse_last) if all(v is not None for v in mse_last) else None
+        lines.append(f"| {form} | {res[0]['defense']} | {acc[0]:.4f} +- {acc[1]:.4f} | {', '.join(zones)} | "
+                     f"{rc_last[0]:.4g} +- {rc_last[1]:.2g} | " + (f"{ms[0]:.4f} +- {ms[1]:.4f}" if ms else "-") + " |")
+        per_cut = []
+        for i, r0 in enumerate(res[0]["rows"]):
+            rc = _mean_std([r["rows"][i]["rc2_mean"] for r in res])
+            mv = [r["rows"][i].get("mse") for r in res]
+            m = _mean_std(mv) if all(v is not None for v in mv) else (None, None)
+            per_cut.append({"cut": r0["cut"], "block": r0["block"], "rc2_mean": rc[0], "rc2_seed_std": rc[1],
+                            "mse": m[0], "mse_seed_std": m[1], "seeds": n})
+        summary[form] = {"accuracy": acc[0], "accuracy_seed_std": acc[1], "zones": zones, "per_cut": per_cut}
+        for seed, r in per_seed.items():
+            for row in r["rows"]:
+                csv_rows.append({"label_form": form, "seed": seed, "accuracy": r["accuracy"], **row})
+    per_cut_md = ["| cut | block | " + " | ".join(f"{f} R_c^2 / MSE" for f in results) + " |",
+                  "|---|---|" + "---|" * len(results)]
+    for i, r in enumerate(next(iter(summary.values()))["per_cut"]):
+        cells = []
+        for f in results:
+            c = summary[f]["per_cut"][i]
+            cells.append(f"{c['rc2_mean']:.4g} +- {c['rc2_seed_std']:.2g} / " +
+                         (f"{c['mse']:.4f} +- {c['mse_seed_std']:.4f}" if c["mse"] is not None else "-"))
+        per_cut_md.append(f"| {r['cut']} | {r['block']} | " + " | ".join(cells) + " |")
+    md = "# GPZ label-form comparison\n\n" + "\n".join(lines) + "\n\n" + "\n".join(per_cut_md) + "\n"
     atomic_write_text(cdir / "compare.md", md)
+    atomic_write_text(cdir / "compare.json", json.dumps({"seeds": seeds, "forms": summary}, indent=2))
     buf = io.StringIO()
-    w = csv.DictWriter(buf, ["label_form", "accuracy"] + CSV_FIELDS[:-2], extrasaction="ignore")
+    w = csv.DictWriter(buf, ["label_form", "seed", "accuracy"] + CSV_FIELDS[:-2], extrasaction="ignore")
     w.writeheader()
     for r in csv_rows:
-        w.writerow({**r, "shape": "x".join(map(str, r["shape"])),
+        ci = r.get("rc2_ci95") or [None, None]
+        w.writerow({**r, "shape": "x".join(map(str, r["shape"])), "rc2_ci_low": ci[0], "rc2_ci_high": ci[1],
                     "rc2_per_class": ";".join(f"{c}:{v:.6g}" for c, v in r["rc2_per_class"].items())})
     atomic_write_text(cdir / "compare.csv", buf.getvalue())
-    plot_compare({f: (res["rows"], res["zone"]) for f, res in results.items()}, cdir / "compare.png",
-                 f"{cfg.model.name}: label forms")
-    return {"dir": str(cdir), "results": results, "table_md": md}
+    plot_compare({f: (per_seed[seeds[0]]["rows"], per_seed[seeds[0]]["zone"]) for f, per_seed in results.items()},
+                 cdir / "compare.png", f"{cfg.model.name}: label forms (seed {seeds[0]})")
+    return {"dir": str(cdir), "results": results, "summary": summary, "table_md": md}

@@ -10,10 +10,20 @@ import torch
 from .figures import finish_figure, pyplot as _plt
 
 
-def _shade(ax, rows: list[dict[str, Any]], zone: dict[str, Any]) -> None:
+def _shade(ax, rows: list[dict[str, Any]], zone: dict[str, Any], color: str = "tab:orange", alpha: float = 0.2,
+           label: bool = True) -> None:
+    """Shade each zone cut (paper's rule: the cut after the largest R_c^2 drop, plus a second zone cut)."""
     if zone.get("found"):
-        ax.axvspan(zone["start_cut"] - 0.5, zone["end_cut"] + 0.5, color="tab:orange", alpha=0.2,
-                   label=f"transition zone ({zone['signal']})")
+        for i, k in enumerate(zone["zone_cuts"]):
+            ax.axvspan(k - 0.5, k + 0.5, color=color, alpha=alpha,
+                       label="transition zone (paper's rule)" if label and i == 0 else None)
+
+
+def _threshold(zone: dict[str, Any]) -> tuple[float, str]:
+    f = zone.get("fidelity")
+    if f:
+        return f["threshold_per_element"], f"paper's 0.02 / {f['channels']} channels"
+    return 0.02 / 3, "paper's 0.02 / 3 channels"
 
 
 def _xticks(ax, rows: list[dict[str, Any]]) -> None:
@@ -23,8 +33,9 @@ def _xticks(ax, rows: list[dict[str, Any]]) -> None:
 
 
 def plot_sweep(rows: list[dict[str, Any]], zone: dict[str, Any], path: str | Path, title: str = "") -> None:
-    """Top: attack MSE per cut with the 0.02 threshold (if the sweep ran attacks); bottom: R_c^2 (mean, error
-    bars = spread over classes, log scale) and the within-class fraction on a second axis. Zone shaded."""
+    """Top: attack MSE per cut with the paper's high-fidelity threshold per element (if the sweep ran attacks);
+    bottom: R_c^2 (class mean, error bars = bootstrap 95% interval, else spread over classes; log scale) and the
+    within-class fraction on a second axis. Zone shaded."""
     plt = _plt()
     attack = any(r.get("mse") is not None for r in rows)
     n = 2 if attack else 1
@@ -35,14 +46,21 @@ def plot_sweep(rows: list[dict[str, Any]], zone: dict[str, Any], path: str | Pat
         _shade(ax, rows, zone)
         ax.errorbar(x, [r.get("mse") for r in rows], yerr=[r.get("mse_std", 0.0) for r in rows], marker="o",
                     capsize=2, label="inverse-network MSE")
-        ax.axhline(zone.get("mse_threshold", 0.02), ls="--", color="gray", lw=1, label="MSE 0.02")
+        thr, what = _threshold(zone)
+        ax.axhline(thr, ls="--", color="gray", lw=1, label=f"MSE {thr:.4g} ({what})")
         ax.set_ylabel("attack MSE")
         ax.legend(fontsize=7)
     ax = axes[-1][0]
     _shade(ax, rows, zone)
     rc = [max(r["rc2_mean"], 1e-12) for r in rows]
-    ax.errorbar(x, rc, yerr=[min(r["rc2_std"], 0.999 * v) for r, v in zip(rows, rc)], marker="s", capsize=2,
-                color="tab:green", label="R_c^2 (mean over classes)")
+    if all(r.get("rc2_ci95") for r in rows):
+        yerr = [[max(0.0, v - r["rc2_ci95"][0]) for r, v in zip(rows, rc)],
+                [max(0.0, r["rc2_ci95"][1] - v) for r, v in zip(rows, rc)]]
+        what = "bootstrap 95% interval"
+    else:
+        yerr = [min(r["rc2_std"], 0.999 * v) for r, v in zip(rows, rc)]
+        what = "std over classes"
+    ax.errorbar(x, rc, yerr=yerr, marker="s", capsize=2, color="tab:green", label=f"R_c^2 (class mean; bars: {what})")
     ax.set_yscale("log")
     ax.set_ylabel("R_c^2")
     ax2 = ax.twinx()
@@ -67,12 +85,11 @@ def plot_compare(sweeps: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]],
         ax = axes[i][0]
         for name, (rows, zone) in sweeps.items():
             line, = ax.plot([r["cut"] for r in rows], [r.get(key) for r in rows], marker="o", label=name)
-            if zone.get("found"):
-                ax.axvspan(zone["start_cut"] - 0.5, zone["end_cut"] + 0.5, color=line.get_color(), alpha=0.1)
+            _shade(ax, rows, zone, color=line.get_color(), alpha=0.1, label=False)
         if key == "rc2_mean":
             ax.set_yscale("log")
         if key == "mse":
-            ax.axhline(0.02, ls="--", color="gray", lw=1)
+            ax.axhline(_threshold(next(iter(sweeps.values()))[1])[0], ls="--", color="gray", lw=1)
         ax.set_ylabel(labels[key])
         ax.legend(fontsize=7)
     _xticks(axes[-1][0], next(iter(sweeps.values()))[0])
