@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..experiments.store import ResultsStore
-from .tables import flatten_run
+from .results import run_flags, run_summary
 
 # config fields that never define a group (seeds are what a group averages over)
 IGNORED_FIELDS = {"name", "seed", "progress", "device", "data.root", "data.cache", "defense.name"}
@@ -27,7 +27,10 @@ class RunRecord:
     metrics: dict[str, Any]
     config: dict[str, Any]              # flattened, dotted keys
     run_dir: Path | None
-    values: dict[str, float]            # flat numeric metrics (accuracy, <attack>.mse, ...)
+    values: dict[str, float]            # flat numeric metrics (accuracy, <attack>.mse, worst.mse, cem.snr, ...)
+    flags: list[str] = field(default_factory=list)          # weak_attack, chance_accuracy, ...
+    worst_attack: dict[str, str | None] = field(default_factory=dict)  # metric -> attack giving the worst case
+    name: str = ""
 
 
 @dataclass
@@ -51,6 +54,23 @@ class Group:
     def label(self) -> str:
         extra = " ".join(f"{k.split('.')[-1]}={_fmt_param(v)}" for k, v in self.params.items() if v is not None)
         return f"{self.defense} {extra}".strip()
+
+    @property
+    def flags(self) -> list[str]:
+        """Every flag raised by any of the group's runs (a group with one weak seed is shown as weak)."""
+        out: list[str] = []
+        for r in self.runs:
+            out += [f for f in r.flags if f not in out]
+        return out
+
+    def worst_attacks(self, metric: str = "mse") -> list[str]:
+        """The attacks that gave the worst case of ``metric`` in this group's runs (one per seed, deduplicated)."""
+        out: list[str] = []
+        for r in self.runs:
+            a = r.worst_attack.get(metric)
+            if a and a not in out:
+                out.append(a)
+        return out
 
     def stat(self, metric: str) -> tuple[float | None, float | None]:
         """(mean, sample std with n-1; None for a single run) of ``metric`` over this group's runs."""
@@ -101,15 +121,18 @@ def load_runs(results: str | Path) -> list[RunRecord]:
     out = []
     for row in ResultsStore(db).runs("finished"):
         m = row.get("metrics") or {}
-        flat = flatten_run(row)
+        flat = run_summary(row)
         values = {k: float(v) for k, v in flat.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("seed",)}
+        worst = {k[len("worst."):-len(".attack")]: v for k, v in flat.items()
+                 if k.startswith("worst.") and k.endswith(".attack")}
         run_dir = folder / row["run_id"]
         if not run_dir.exists() and row.get("run_dir"):
             run_dir = Path(row["run_dir"])
         out.append(RunRecord(row["run_id"], m.get("dataset", row["dataset"]), m.get("model", row["model"]),
                              str(m.get("cut", row["cut"])), m.get("defense", row["defense"]), int(row["seed"]), m,
-                             flatten_config(row.get("config") or {}), run_dir if run_dir.exists() else None, values))
+                             flatten_config(row.get("config") or {}), run_dir if run_dir.exists() else None, values,
+                             run_flags(m), worst, row.get("name") or ""))
     return out
 
 
@@ -140,8 +163,14 @@ def group_runs(runs: list[RunRecord], fields: list[str] | None = None) -> list[G
             g = groups[key] = Group(r.dataset, r.model, r.cut, r.defense, params)
         g.runs.append(r)
 
+    def sortable(v: Any):
+        # numbers in numeric order (lambda 1, 4, 16, not 1, 16, 4), before anything else
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return (0, float(v), "")
+        return (1, 0.0, json.dumps(v, sort_keys=True, default=str))
+
     def order(g: Group):
-        return (g.dataset, g.defense, json.dumps(g.params, sort_keys=True, default=str))
+        return (g.dataset, g.defense, [(k, sortable(g.params[k])) for k in sorted(g.params)])
 
     return sorted(groups.values(), key=order)
 
@@ -154,7 +183,10 @@ def attack_names(runs: list[RunRecord]) -> list[str]:
 
 
 def primary_attack(runs: list[RunRecord], requested: str | None = None) -> str | None:
+    """The privacy axis: ``worst`` (the worst case over the attack suite; the default) or a named attack."""
     names = attack_names(runs)
+    if requested in (None, "worst") and any(r.values.get("worst.mse") is not None for r in runs):
+        return "worst"
     if requested:
         if requested not in names:
             raise ValueError(f"attack '{requested}' is not in these results; recorded: {', '.join(names) or '(none)'}")

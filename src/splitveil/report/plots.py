@@ -1,28 +1,74 @@
 """Report figures: accuracy-vs-MSE trade-off with the Pareto front, ablations of swept parameters, and
-reconstruction grids side by side per defense. Every function returns PNG bytes (None if nothing to plot)."""
+reconstruction grids side by side per defense, privacy vs edge cost. ``*_figure`` return a matplotlib figure
+(``render`` gives 300-dpi PNG and PDF bytes), ``*_plot`` PNG bytes (None if nothing to plot)."""
 from __future__ import annotations
 
 import io
 from typing import Any
 
+import numpy as np
 import torch
 
 from .aggregate import Group, pareto_front
-
-
 from .figures import image_grid, pyplot as _plt
 
 
-def _png(fig) -> bytes:
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "d", "8"]
+DPI = 300
+# sizes for a figure printed at one column (~3.5 in): 8 pt text, 7 pt legend
+STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
+         "legend.fontsize": 6.5}
+
+
+def _png(fig, dpi: int = DPI) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     _plt().close(fig)
     return buf.getvalue()
 
 
-def tradeoff_plot(groups: list[Group], attack: str, title: str = "") -> tuple[bytes | None, list[int]]:
-    """Accuracy (y) against the attack's MSE (x, higher = more private), mean +- std over seeds per group;
-    the Pareto front (not dominated in both) ringed and joined. Returns (png, indices of front groups)."""
+def render(fig, dpi: int = DPI) -> tuple[bytes, bytes]:
+    """(PNG at ``dpi``, vector PDF) of a figure; closes it."""
+    out = []
+    for fmt in ("png", "pdf"):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, dpi=dpi, bbox_inches="tight")
+        out.append(buf.getvalue())
+    _plt().close(fig)
+    return out[0], out[1]
+
+
+def metric_label(attack: str, metric: str = "mse") -> str:
+    name = metric.upper()
+    return f"worst-case {name} over attacks" if attack == "worst" else f"{attack} {name}"
+
+
+def styles(groups: list[Group]) -> tuple[dict[str, Any], dict[int, str]]:
+    """Colour per defense and a marker per parameter value within each defense (never colour alone)."""
+    plt = _plt()
+    defenses = sorted({g.defense for g in groups})
+    cmap = plt.get_cmap("tab20" if len(defenses) > 10 else "tab10")
+    color = {d: cmap(k % cmap.N) for k, d in enumerate(defenses)}
+    marker: dict[int, str] = {}
+    for d in defenses:
+        for k, g in enumerate(g for g in groups if g.defense == d):
+            marker[id(g)] = MARKERS[k % len(MARKERS)]
+    return color, marker
+
+
+def _legend_below(fig, ax, n: int) -> None:
+    ncol = 2 if n > 4 else 1
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, frameon=False, handletextpad=0.3,
+              columnspacing=0.8)
+
+
+def tradeoff_figure(groups: list[Group], attack: str, title: str = "", analyses: list | None = None,
+                    baseline_mse: float | None = None, undefended_acc: float | None = None):
+    """Accuracy (y) against the privacy MSE (x, log scale; higher = more private), one point per group with
+    error bars (sample std over seeds), colour per defense and a marker per parameter value; each reference
+    frontier (``analyses``: equal_utility.GainAnalysis) as a line with its bootstrap band; the mean-image
+    baseline (vertical) and the undefended accuracy (horizontal) as reference lines; the Pareto front
+    ringed. Returns (figure or None, indices of the front groups)."""
     pts, used = [], []
     for i, g in enumerate(groups):
         acc, mse = g.stat("accuracy"), g.stat(f"{attack}.mse")
@@ -33,29 +79,71 @@ def tradeoff_plot(groups: list[Group], attack: str, title: str = "") -> tuple[by
         return None, []
     front = [used[k] for k in pareto_front([(p[0], p[1]) for p in pts])]
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    defenses = sorted({groups[i].defense for i in used})
-    cmap = plt.get_cmap("tab20" if len(defenses) > 10 else "tab10")
-    color = {d: cmap(k % cmap.N) for k, d in enumerate(defenses)}
-    shown = set()
-    for k, i in enumerate(used):
-        g = groups[i]
-        x, y, xe, ye = pts[k]
-        ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", color=color[g.defense], ms=6, capsize=2, lw=0.8,
-                    label=g.defense if g.defense not in shown else None)
-        shown.add(g.defense)
-        ax.annotate(g.label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6, alpha=0.8)
-    fx = [pts[used.index(i)][0] for i in front]
-    fy = [pts[used.index(i)][1] for i in front]
-    ax.plot(fx, fy, "--", color="black", lw=1, zorder=0)
-    ax.scatter(fx, fy, s=160, facecolors="none", edgecolors="black", lw=1.2, label="Pareto front", zorder=3)
-    ax.set_xlabel(f"{attack} MSE (higher = more private)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title or "accuracy vs reconstruction MSE", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    return _png(fig), front
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(3.6, 2.8))
+        color, marker = styles([groups[i] for i in used])
+        for k, i in enumerate(used):
+            g = groups[i]
+            x, y, xe, ye = pts[k]
+            ax.errorbar(x, y, xerr=xe, yerr=ye, fmt=marker[id(g)], color=color[g.defense], ms=4.5, capsize=1.5,
+                        lw=0.7, mec="black", mew=0.4, label=g.label, zorder=4)
+        for an in analyses or []:
+            f = an.frontier
+            if not f.usable:
+                continue
+            ax.plot(np.exp(f.log_mse), f.acc, "-", color="0.25", lw=1.1, zorder=2,
+                    label=f"{an.reference} frontier (monotone fit)")
+            if len(an.band_acc) and np.isfinite(an.band_lo).any():
+                ok = np.isfinite(an.band_lo) & np.isfinite(an.band_hi)
+                ax.fill_betweenx(an.band_acc[ok], np.exp(an.band_lo[ok]), np.exp(an.band_hi[ok]), color="0.6",
+                                 alpha=0.3, lw=0, zorder=1, label="95% bootstrap band")
+        if baseline_mse is not None:
+            ax.axvline(baseline_mse, color="tab:red", ls=":", lw=1, label="mean-image baseline MSE", zorder=1)
+        if undefended_acc is not None:
+            ax.axhline(undefended_acc, color="tab:blue", ls="--", lw=0.8, label="undefended accuracy", zorder=1)
+        fx = [pts[used.index(i)][0] for i in front]
+        fy = [pts[used.index(i)][1] for i in front]
+        ax.scatter(fx, fy, s=90, facecolors="none", edgecolors="black", lw=0.8, label="Pareto front", zorder=5)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{metric_label(attack)} (higher = more private)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(title or "accuracy vs reconstruction MSE")
+        ax.grid(alpha=0.3, which="both", lw=0.4)
+        _legend_below(fig, ax, len(used))
+    return fig, front
+
+
+def tradeoff_plot(groups: list[Group], attack: str, title: str = "", **kw) -> tuple[bytes | None, list[int]]:
+    """``tradeoff_figure`` as 300-dpi PNG bytes: (png, indices of the Pareto-front groups)."""
+    fig, front = tradeoff_figure(groups, attack, title, **kw)
+    return (_png(fig) if fig is not None else None), front
+
+
+def cost_figure(groups: list[Group], attack: str, title: str = ""):
+    """Privacy against edge cost for deployment reviews: worst-case (or ``attack``) MSE (y) against encoder
+    FLOPs per image (x; latency per image when FLOPs were not recorded), one point per group with error bars
+    over seeds. None when no group has a cost."""
+    cost_key = "encoder_flops" if any(g.stat("encoder_flops")[0] for g in groups) else "latency_ms"
+    rows = [(g, g.stat(cost_key), g.stat(f"{attack}.mse")) for g in groups]
+    rows = [r for r in rows if r[1][0] is not None and r[2][0] is not None]
+    if not rows:
+        return None
+    plt = _plt()
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(3.6, 2.8))
+        color, marker = styles([r[0] for r in rows])
+        for g, c, m in rows:
+            ax.errorbar(c[0], m[0], xerr=c[1] or 0.0, yerr=m[1] or 0.0, fmt=marker[id(g)], color=color[g.defense],
+                        ms=4.5, capsize=1.5, lw=0.7, mec="black", mew=0.4, label=g.label)
+        ax.set_xlabel("encoder FLOPs per image" if cost_key == "encoder_flops" else "encoder latency per image (ms)")
+        ax.set_ylabel(metric_label(attack))
+        xs = [r[1][0] for r in rows]
+        if min(xs) > 0 and max(xs) / min(xs) >= 20:
+            ax.set_xscale("log")
+        ax.set_title(title or "privacy vs edge cost")
+        ax.grid(alpha=0.3, lw=0.4)
+        _legend_below(fig, ax, len(rows))
+    return fig
 
 
 def _numeric(v: Any) -> bool:
@@ -94,7 +182,7 @@ def ablation_plot(groups: list[Group], fieldname: str, attack: str, title: str =
                 continue
             ax.errorbar(xs, [m for m, _ in st], yerr=[s or 0.0 for _, s in st], marker="o", ms=4, capsize=2,
                         lw=1, label=label)
-    for ax, name in zip(axes, ("test accuracy", f"{attack} MSE")):
+    for ax, name in zip(axes, ("test accuracy", metric_label(attack))):
         ax.set_xlabel(fieldname)
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)

@@ -7,27 +7,27 @@ from pathlib import Path
 from typing import Any
 
 from ..experiments.store import ResultsStore
+from .results import run_summary
 
 BASE_COLUMNS = ["run_id", "status", "dataset", "model", "cut", "defense", "seed", "accuracy"]
 COST_COLUMNS = ["encoder_params", "encoder_flops", "latency_ms", "payload_bytes"]
+# the printed / report.md per-run table (report.csv keeps every column)
+DEFAULT_COLUMNS = ["run_id", "status", "name", "dataset", "defense", "seed", "accuracy", "worst MSE", "worst attack",
+                   "worst PSNR", "worst SSIM", "mean-image MSE", "flags"]
+_DEFAULT_SOURCE = {"defense": "defense_desc", "worst MSE": "worst.mse", "worst attack": "worst.mse.attack",
+                   "worst PSNR": "worst.psnr", "worst SSIM": "worst.ssim", "mean-image MSE": "mean_image.mse"}
 
 
 def flatten_run(row: dict[str, Any]) -> dict[str, Any]:
-    """One store row -> one flat record (attack metrics as ``<attack>.mse`` etc.)."""
-    m = row.get("metrics") or {}
-    rec: dict[str, Any] = {k: row.get(k) for k in BASE_COLUMNS}
-    if m:
-        rec["cut"] = m.get("cut", rec["cut"])
-    for name, res in (m.get("attacks") or {}).items():
-        for k in ("mse", "mse_std", "psnr", "ssim"):
-            rec[f"{name}.{k}"] = res.get(k)
-    base = (m.get("baseline") or {}).get("mean_image")
-    if base:
-        rec["mean_image.mse"] = base.get("mse")
-    for k in COST_COLUMNS:
-        rec[k] = (m.get("cost") or {}).get(k)
-    rec["train_s"] = (m.get("timings") or {}).get("train_s")
-    return rec
+    """One store row -> one flat record (attack metrics as ``<attack>.mse``, the worst case as ``worst.mse`` and
+    ``worst.mse.attack``, flags, CEM diagnostics as ``cem.<key>``, cost); see ``results.run_summary``."""
+    return run_summary(row)
+
+
+def default_view(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The narrow per-run view (DEFAULT_COLUMNS): the defense with its strength parameter, the worst case over
+    the attack suite and the attack that achieved it, the mean-image baseline and the flags."""
+    return [{c: r.get(_DEFAULT_SOURCE.get(c, c)) for c in DEFAULT_COLUMNS} for r in records]
 
 
 def collect(results: str | Path, status: str | None = None) -> list[dict[str, Any]]:
@@ -56,11 +56,21 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def md_escape(text: Any) -> str:
+    """A value safe inside a markdown table cell: no HTML, no cell breaks (``|``), no line breaks, no
+    emphasis / code / link syntax from a run name (``_`` inside words is left alone: CommonMark ignores it)."""
+    s = str(text).replace("\r", " ").replace("\n", " ")
+    s = s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    for ch in "\\|`*":
+        s = s.replace(ch, "\\" + ch)
+    return s.replace("](", "]\\(")       # no [text](link)
+
+
 def to_markdown(records: list[dict[str, Any]], cols: list[str] | None = None) -> str:
     cols = cols or columns(records)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines = ["| " + " | ".join(md_escape(c) for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in records:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+        lines.append("| " + " | ".join(md_escape(_fmt(r.get(c))) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -75,11 +85,12 @@ def to_csv(records: list[dict[str, Any]], cols: list[str] | None = None) -> str:
 
 
 def write_report(results: str | Path) -> tuple[str, Path, Path]:
-    """Write ``report.md`` and ``report.csv`` beside the store; returns (markdown, md path, csv path)."""
+    """Write ``report.md`` (the narrow per-run table, DEFAULT_COLUMNS) and ``report.csv`` (every column) beside
+    the store; returns (markdown, md path, csv path)."""
     records = collect(results)
     folder = Path(results) if Path(results).is_dir() else Path(results).parent
     cols = columns(records) if records else BASE_COLUMNS
-    md = to_markdown(records, cols)
+    md = to_markdown(default_view(records), DEFAULT_COLUMNS)
     md_path, csv_path = folder / "report.md", folder / "report.csv"
     md_path.write_text(md)
     csv_path.write_text(to_csv(records, cols))

@@ -1,0 +1,211 @@
+"""The report on synthetic result stores (no training): worst case over attacks (recorded or computed for old
+runs), flags, the equal-utility gain and CEM control columns in the tables and figures, escaping, the narrow
+per-run table, load_results."""
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from splitveil.cli import main
+from splitveil.experiments import ResultsStore
+from splitveil.report.build import build, build_report
+from splitveil.report.results import load_records, run_flags, worst_case
+from splitveil.report.tables import md_escape
+
+SIGMAS = [0.01, 0.02, 0.05, 0.1, 0.2]
+
+
+def ref_log_mse(acc: float) -> float:
+    """The synthetic noise frontier: log MSE falls linearly from log 0.08 at accuracy 0.5 to log 0.01 at 0.9."""
+    return math.log(0.08) + (acc - 0.5) / 0.4 * (math.log(0.01) - math.log(0.08))
+
+
+def add_run(store: ResultsStore, folder: Path, run_id: str, defense: dict, seed: int, acc: float, mse: float,
+            name: str = "study", new_style: bool = True, diag: dict | None = None, extra_attack: float = 1.5,
+            flags=None, dataset: str = "cifar10"):
+    """One finished run; two attacks: inverse_network (MSE ``mse``) and gan (``extra_attack`` x worse, except
+    when extra_attack < 1: then gan is the worst case)."""
+    cfg = {"name": name, "seed": seed, "data": {"name": dataset, "train_size": 3000}, "model": {"name": "vgg11_bn", "cut": "conv2"},
+           "train": {"epochs": 3}, "defense": defense,
+           "attacks": {"inverse_network": {"epochs": 4}, "gan": {"epochs": 2}}}
+    names = defense["name"] if isinstance(defense["name"], list) else [defense["name"]]
+    info = {n: {k: v for k, v in defense.items() if k != "name"} for n in names if n != "none"}
+    attacks = {"inverse_network": {"mse": mse, "mse_std": 0.01, "psnr": -10 * math.log10(mse), "ssim": 0.5,
+                                   "n_images": 1000},
+               "gan": {"mse": mse * extra_attack, "mse_std": 0.01, "psnr": -10 * math.log10(mse * extra_attack),
+                       "ssim": 0.4, "n_images": 1000}}
+    m = {"status": "finished", "run_id": run_id, "dataset": dataset, "model": "vgg11_bn", "cut": "conv2",
+         "defense": "+".join(names), "defense_info": info, "seed": seed, "accuracy": acc, "attacks": attacks,
+         "baseline": {"mean_image": {"mse": 0.06}}, "cost": {"encoder_flops": 1.0e7, "latency_ms": 0.5},
+         "sizes": {"train": 3000, "test": 1000, "aux": 2000}}
+    if new_style:
+        worst = min(attacks, key=lambda a: attacks[a]["mse"])
+        m["worst_case"] = {"mse": {"attack": worst, "value": attacks[worst]["mse"]},
+                           "psnr": {"attack": worst, "value": attacks[worst]["psnr"]},
+                           "ssim": {"attack": "inverse_network", "value": 0.5}}
+        m["flags"] = list(flags or [])
+    if diag is not None:
+        m["cem_diagnostics"] = diag
+    store.start(run_id, cfg, folder / run_id, m["defense"])
+    store.finish(run_id, m)
+
+
+def synthetic_study(folder: Path, gain: float = 0.3, seeds=(0, 1, 2)) -> Path:
+    """Noise swept over 5 sigmas on the frontier; cem_gmm at 3 lambdas with MSE exp(gain) x the frontier at
+    its accuracy, and one lambda more accurate than any noise point (outside the range)."""
+    store = ResultsStore(folder / "results.sqlite")
+    rng = np.random.default_rng(0)
+    for i, s in enumerate(SIGMAS):
+        acc = 0.88 - 0.08 * i
+        for seed in seeds:
+            add_run(store, folder, f"n{i}-{seed}", {"name": "gaussian_noise", "sigma": s}, seed, acc,
+                    math.exp(ref_log_mse(acc)))
+    for j, lam in enumerate([1.0, 4.0, 16.0]):
+        acc = 0.84 - 0.1 * j
+        for seed in seeds:
+            a = acc + rng.normal(0, 0.005)
+            add_run(store, folder, f"c{j}-{seed}", {"name": ["gaussian_noise", "cem_gmm"], "sigma": 0.025, "lambda": lam},
+                    seed, a, math.exp(ref_log_mse(a) + gain),
+                    diag={"feature_std": 0.3, "snr": 12.0 - j, "within_var_over_tau": 0.5, "between_within_ratio": 2.0 + j})
+    for seed in seeds:   # more accurate than every noise setting: no gain, a flag
+        add_run(store, folder, f"c_hi-{seed}", {"name": ["gaussian_noise", "cem_gmm"], "sigma": 0.025, "lambda": 0.5},
+                seed, 0.95, 0.02)
+    add_run(store, folder, "none-0", {"name": "none"}, 0, 0.93, 0.004)
+    return folder
+
+
+def test_worst_case_recorded_or_computed_for_old_runs():
+    old = {"attacks": {"inverse_network": {"mse": 0.02, "psnr": 17.0, "ssim": 0.6},
+                       "rmle": {"mse": 0.01, "psnr": 20.0, "ssim": 0.5}, "gan": {"mse": float("nan")}},
+           "baseline": {"mean_image": {"mse": 0.05}}}
+    assert worst_case(old, "mse") == ("rmle", 0.01)
+    assert worst_case(old, "psnr") == ("rmle", 20.0)
+    assert worst_case(old, "ssim") == ("inverse_network", 0.6)     # highest SSIM, not lowest
+    assert run_flags(old) == []
+    weak = {"attacks": {"inverse_network": {"mse": 0.07}}, "baseline": {"mean_image": {"mse": 0.05}}}
+    assert run_flags(weak) == ["weak_attack"]                       # derived for runs without metrics["flags"]
+    new = {**old, "worst_case": {"mse": {"attack": "inverse_network", "value": 0.02}}, "flags": ["chance_accuracy"]}
+    assert worst_case(new, "mse") == ("inverse_network", 0.02)     # the recorded worst case wins
+    assert run_flags(new) == ["chance_accuracy"]
+    with pytest.raises(ValueError, match="lpips"):
+        worst_case(old, "lpips")
+
+
+def test_report_on_old_style_runs_uses_the_computed_worst_case(tmp_path):
+    store = ResultsStore(tmp_path / "results.sqlite")
+    for seed in (0, 1):
+        # gan is the stronger attack here (0.5 x the inverse network's MSE); nothing records worst_case
+        add_run(store, tmp_path, f"r{seed}", {"name": "gaussian_noise", "sigma": 0.1}, seed, 0.8, 0.02 + 0.002 * seed,
+                new_style=False, extra_attack=0.5)
+    rep = build(tmp_path, figures=False, n_boot=0)
+    assert rep.attack == "worst"
+    g = rep.sections[0].groups[0]
+    assert g.stat("worst.mse")[0] == pytest.approx(0.5 * 0.021) and g.worst_attacks() == ["gan"]
+    rec = load_records(tmp_path)
+    assert {r["worst.mse.attack"] for r in rec} == {"gan"}
+
+
+def test_equal_utility_report_tables_figures_and_controls(tmp_path):
+    synthetic_study(tmp_path, gain=0.3)
+    out = tmp_path / "rep"
+    assert main(["report", str(tmp_path), "--reference", "gaussian_noise", "--format", "md,csv,latex", "--out", str(out),
+                 "--bootstrap", "300"]) == 0
+    rows = {(r["label"]): r for r in csv.DictReader((out / "gains.csv").open())}
+    noise = [r for k, r in rows.items() if r["defense"] == "gaussian_noise"]
+    assert len(noise) == 5 and all(abs(float(r["gain"])) < 1e-9 for r in noise)       # its own points: 0
+    cem = [r for r in rows.values() if r["defense"] == "gaussian_noise+cem_gmm" and r["where"] == "inside"]
+    assert len(cem) == 3
+    for r in cem:
+        # exact up to averaging MSE over seeds of slightly different accuracy (log of a mean, not a mean of logs)
+        assert float(r["gain"]) == pytest.approx(0.3, abs=1e-3)
+        assert float(r["ci_low"]) <= 0.3 <= float(r["ci_high"])
+        assert r["ci_method"] == "seeds + images (normal approx.)"
+        assert float(r["cem.snr"]) in (12.0, 11.0, 10.0)
+    hi = [r for r in rows.values() if r["where"] == "above"]
+    assert sorted(r["defense"] for r in hi) == ["gaussian_noise+cem_gmm", "none"]
+    hi = [r for r in hi if r["defense"] != "none"]
+    assert len(hi) == 1 and hi[0]["gain"] == "" and hi[0]["ci_low"] == ""            # flagged, not extrapolated
+    md = (out / "report.md").read_text()
+    assert "### Equal-utility gain over gaussian_noise" in md
+    assert "| reference | defense | params | n | accuracy | MSE | gain log(MSE/MSE_ref) | 95% CI |" in md
+    assert "std(z)/sigma" in md and "between/within" in md
+    line = next(ln for ln in md.splitlines() if ln.startswith("| gaussian_noise | gaussian_noise+cem_gmm | sigma=0.025 lambda=4 "))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[6] == "+0.300" and cells[9] == "yes" and cells[11].startswith("11.000")   # gain, range, std(z)/sigma
+    assert cells[7].startswith("[") and "no: above (not extrapolated)" in md
+    # the main table: worst case with the attack that achieved it, the fixed settings and the attack budget
+    assert "| defense | params | n | accuracy | worst MSE | worst PSNR | worst SSIM | inverse_network mse | gan mse |" in md
+    assert "| inverse_network |" in md
+    assert "Fixed settings:" in md and "data.train_size=3000" in md and "train.epochs=3" in md
+    assert "Attack budget: gan: epochs=2; inverse_network: epochs=4" in md
+    tex = (out / "report.tex").read_text()
+    assert "equal-utility privacy gain" in tex and "+0.300" in tex and "std(z)/sigma" in tex
+    summary = list(csv.DictReader((out / "summary.csv").open()))
+    assert {"cem.snr_mean", "worst_attacks", "flags"} <= set(summary[0])
+
+
+def test_tradeoff_figure_has_frontier_band_markers_and_reference_lines(tmp_path):
+    from splitveil.report.equal_utility import analyse_groups
+    from splitveil.report.plots import tradeoff_figure
+
+    synthetic_study(tmp_path, gain=0.3)
+    rep = build(tmp_path, figures=False, references=["gaussian_noise"], n_boot=200)
+    sec = rep.sections[0]
+    fig, _ = tradeoff_figure(sec.groups, "worst", analyses=sec.analyses, baseline_mse=0.06, undefended_acc=0.93)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "gaussian_noise frontier (monotone fit)" in labels and "95% bootstrap band" in labels
+    assert "mean-image baseline MSE" in labels and "undefended accuracy" in labels
+    # one marker per parameter value within a defense (colour is not the only cue)
+    cem_markers = {line.get_marker() for c in ax.containers for line in [c.lines[0]]
+                   if c.get_label().startswith("gaussian_noise+cem_gmm")}
+    assert len(cem_markers) == 4
+    assert ax.get_xscale() == "log" and ax.xaxis.label.get_fontsize() >= 8
+    frontier = next(l for l in ax.get_lines() if l.get_label().endswith("frontier (monotone fit)"))
+    assert np.allclose(np.log(frontier.get_xdata()), [ref_log_mse(a) for a in frontier.get_ydata()])
+    from splitveil.report.figures import pyplot
+    pyplot().close(fig)
+
+    out = tmp_path / "rep"
+    written = build_report(tmp_path, ["md"], out, references=["gaussian_noise"], n_boot=50)
+    png = (out / "report_files" / "tradeoff_cifar10.png").read_bytes()
+    pdf = (out / "report_files" / "tradeoff_cifar10.pdf").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and pdf[:5] == b"%PDF-"
+    from PIL import Image
+    with Image.open(out / "report_files" / "tradeoff_cifar10.png") as im:
+        assert round(im.info["dpi"][0]) == 300
+    assert (out / "report_files" / "cost_cifar10.pdf").read_bytes()[:5] == b"%PDF-"
+    assert "cost_cifar10.png" in written
+
+
+def test_per_run_table_is_narrow_escapes_names_and_shows_sigma(tmp_path):
+    store = ResultsStore(tmp_path / "results.sqlite")
+    add_run(store, tmp_path, "a", {"name": "gaussian_noise", "sigma": 0.1}, 0, 0.8, 0.02, name="x|<b>evil</b>\n*y*",
+            flags=["weak_attack", "chance_accuracy"])
+    add_run(store, tmp_path, "b", {"name": "gaussian_noise", "sigma": 0.2}, 0, 0.7, 0.03)
+    assert main(["report", str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    header = md.splitlines()[0]
+    assert header.startswith("| run_id | status |") and header.count("|") - 1 <= 13
+    assert "<b>" not in md and "&lt;b&gt;evil&lt;/b&gt;" in md and "x\\|" in md and "\\*y\\*" in md
+    assert md_escape("[a](javascript:x)") == "[a]\\(javascript:x)"
+    rows = md.splitlines()[2:4]
+    cells = lambda line: len(re.findall(r"(?<!\\)\|", line))          # unescaped cell separators
+    assert all(cells(r) == cells(header) for r in rows)                 # the name did not break the table
+    assert "gaussian_noise(sigma=0.1)" in md and "gaussian_noise(sigma=0.2)" in md
+    assert "weak attack, chance accuracy" in md
+    # report.csv keeps every column
+    cols = (tmp_path / "report.csv").read_text().splitlines()[0].split(",")
+    assert "inverse_network.psnr" in cols and "worst.mse.attack" in cols and "cem.snr" in cols
+
+
+def test_load_results_dataframe(tmp_path):
+    pd = pytest.importorskip("pandas")
+    synthetic_study(tmp_path, seeds=(0,))
+    df = load_results = __import__("splitveil.report", fromlist=["load_results"]).load_results(tmp_path)
+    assert isinstance(df, pd.DataFrame) and len(df) == 5 + 3 + 1 + 1
+    assert {"defense", "seed", "accuracy", "worst.mse", "worst.mse.attack", "inverse_network.mse"} <= set(df.columns)
