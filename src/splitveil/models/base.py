@@ -60,12 +60,25 @@ class BlockModel(nn.Module):
         return out
 
 
-class Bottleneck(nn.Module):
-    """Narrow 3x3 conv (+BN+ReLU) that shrinks the transmitted channels, as in the CEM/ResSFL setup."""
+BOTTLENECK_ACTS = ("relu", "none")
 
-    def __init__(self, cin: int, cout: int):
+
+class Bottleneck(nn.Module):
+    """3x3 conv that changes the channel count at the cut, optionally followed by BN and a ReLU.
+
+    ``norm=False, act="none"`` is the CEM reference's ``noRELU_C8S1`` bottleneck: a plain conv (the edge's
+    conv C -> 8, and on the cloud side the conv 8 -> C that restores the width, neither followed by a ReLU)."""
+
+    def __init__(self, cin: int, cout: int, norm: bool = True, act: str = "relu"):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+        layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1)]
+        if norm:
+            layers.append(nn.BatchNorm2d(cout))
+        if act == "relu":
+            layers.append(nn.ReLU(inplace=True))
+        elif act != "none":
+            raise ConfigError(f"model.bottleneck_act: {act!r} is not one of {list(BOTTLENECK_ACTS)}")
+        self.body = nn.Sequential(*layers)
 
     def forward(self, x):
         return self.body(x)
@@ -77,7 +90,10 @@ class ModelConfig:
     cut: Any = 2                       # blocks on the edge (1-based) or the name of the last edge block
     width: float = 1.0                 # channel multiplier (tiny models for tests: 0.125)
     bottleneck_channels: int | None = None  # narrow conv at the cut (e.g. 8); null: none
-    sigmoid: bool = False              # sigmoid on the transmitted features (CEM reference option)
+    bottleneck_norm: bool = True       # BatchNorm after each bottleneck conv (CEM reference: false)
+    bottleneck_act: str = "relu"       # relu | none: activation after each bottleneck conv (CEM reference: none)
+    sigmoid: bool = False              # sigmoid on the transmitted features, right after the bottleneck if any
+    #                                    (CEM reference: true, with bottleneck_norm false and bottleneck_act none)
     options: dict = field(default_factory=dict)  # extra constructor arguments of the architecture
 
     def validate(self) -> None:
@@ -85,6 +101,8 @@ class ModelConfig:
         require(self.width > 0, "width", "must be positive")
         require(self.bottleneck_channels is None or self.bottleneck_channels > 0, "bottleneck_channels",
                 "must be positive or null")
+        require(self.bottleneck_act in BOTTLENECK_ACTS, "bottleneck_act",
+                f"{self.bottleneck_act!r} is not one of {list(BOTTLENECK_ACTS)}")
         require(isinstance(self.cut, (int, str)) and not isinstance(self.cut, bool), "cut",
                 "must be a block index or a block name")
 
@@ -93,7 +111,7 @@ class SplitModel(nn.Module):
     """The deployed pair: ``encoder`` (edge) and ``decoder`` (cloud); ``feature_shape`` is what is sent."""
 
     def __init__(self, backbone: BlockModel, cut: int | str, bottleneck_channels: int | None = None,
-                 sigmoid: bool = False):
+                 sigmoid: bool = False, bottleneck_norm: bool = True, bottleneck_act: str = "relu"):
         super().__init__()
         k = backbone.cut_index(cut)
         named = list(backbone.blocks.named_children())
@@ -105,8 +123,8 @@ class SplitModel(nn.Module):
             if len(c) != 3:
                 raise ConfigError(f"model.bottleneck_channels: the cut '{named[k - 1][0]}' outputs a vector {c}, "
                                   "a conv bottleneck needs a feature map")
-            enc.append(("bottleneck", Bottleneck(c[0], bottleneck_channels)))
-            dec.append(("bottleneck_up", Bottleneck(bottleneck_channels, c[0])))
+            enc.append(("bottleneck", Bottleneck(c[0], bottleneck_channels, bottleneck_norm, bottleneck_act)))
+            dec.append(("bottleneck_up", Bottleneck(bottleneck_channels, c[0], bottleneck_norm, bottleneck_act)))
         if sigmoid:
             enc.append(("sigmoid", nn.Sigmoid()))
         dec += named[k:]
@@ -144,7 +162,7 @@ def split(model: BlockModel, cut: int | str, bottleneck_channels: int | None = N
 
 def build_split_model(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, int, int]) -> SplitModel:
     backbone = create_model(cfg.name, num_classes, input_shape, cfg.width, **cfg.options)
-    return SplitModel(backbone, cfg.cut, cfg.bottleneck_channels, cfg.sigmoid)
+    return SplitModel(backbone, cfg.cut, cfg.bottleneck_channels, cfg.sigmoid, cfg.bottleneck_norm, cfg.bottleneck_act)
 
 
 def scaled(c: int, width: float) -> int:
