@@ -225,6 +225,8 @@ def _execute(cfg: RunConfig, run_id: str, run_dir: Path, resume: bool) -> dict[s
     baseline = {"mean_image": mean_image_baseline(data, eval_split, guess_split)}
     wc = worst_case(attacks, baseline["mean_image"])
     warnings = weak_attack_warnings(wc, attacks)
+    if wc.get("weak_attacks"):
+        flags.append("weak_attack")
     cost = edge_cost(edge, data.image_shape, model.feature_shape, device, cfg.eval.latency_batch, cfg.eval.latency_repeats,
                      params_of=model.encoder)
     timings["total_s"] = time.perf_counter() - t_all
