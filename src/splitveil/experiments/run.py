@@ -106,6 +106,7 @@ def _execute(cfg: RunConfig, run_id: str, run_dir: Path, resume: bool) -> dict[s
     timings["train_s"] = time.perf_counter() - t
     accuracy = trainer.evaluate("test", cfg.eval.batch_size)
     log.info("test accuracy %.4f", accuracy)
+    diagnostics = defenses.diagnostics(model, data, device)  # e.g. CEM's feature scale on the test split
 
     edge = Edge(model.encoder, defenses).eval()
     for p in edge.parameters():
@@ -151,6 +152,7 @@ def _execute(cfg: RunConfig, run_id: str, run_dir: Path, resume: bool) -> dict[s
         "feature_shape": list(model.feature_shape),
         "defense": defenses.label,
         "defense_info": defenses.info(),
+        "defense_diagnostics": diagnostics,
         "seed": cfg.seed,
         "accuracy": accuracy,
         "attacks": attacks,
