@@ -13,6 +13,9 @@ what it changes:
 - ``on_epoch_start/on_epoch_end(trainer, epoch)``: between epochs (pruning, mixture refits).
 - ``prepare_load(state, trainer)``: before a checkpoint's model state is loaded (re-apply pruning).
 - ``info()``: facts recorded in ``metrics.json`` (e.g. channels before/after pruning).
+- ``noise_std()``: the std of the Gaussian noise the defense adds to what is sent (None: it adds none).
+- ``check_stack(defenses)``: when the stack is built, reject a meaningless combination (a ConfigError).
+- ``diagnostics(model, data, device)``: measurements after training, recorded in ``metrics.json``.
 """
 from __future__ import annotations
 
@@ -87,6 +90,17 @@ class Defense(nn.Module):
     def info(self) -> dict[str, Any]:
         return {}
 
+    def noise_std(self) -> float | None:
+        """Std of the N(0, s^2) noise this defense adds to the transmitted features; None: adds no noise."""
+        return None
+
+    def check_stack(self, defenses: list["Defense"]) -> None:
+        """Called once with every defense of the stack (self included) when the stack is built."""
+
+    def diagnostics(self, model: "SplitModel", data: "DataBundle", device: torch.device) -> dict[str, Any]:
+        """Measurements after training (e.g. the feature scale), recorded in ``metrics.json``."""
+        return {}
+
 
 class DefenseStack(nn.Module):
     """Several defenses applied in order; itself used by the trainer like a single defense."""
@@ -102,6 +116,8 @@ class DefenseStack(nn.Module):
                 raise ConfigError(f"defense.name: '{d.name}' cannot be combined with '{bad[0]}'")
         if sum(d.changes_targets for d in defenses) > 1:
             raise ConfigError("defense.name: at most one defense may change the training targets")
+        for d in defenses:
+            d.check_stack(list(defenses))
         self.defenses = nn.ModuleList(defenses)
 
     @property
@@ -162,6 +178,15 @@ class DefenseStack(nn.Module):
 
     def info(self) -> dict[str, Any]:
         return {d.name: {**vars(d.params), **d.info()} for d in self.defenses}
+
+    def diagnostics(self, model, data, device) -> dict[str, Any]:
+        """``{defense name: its diagnostics}`` for the defenses that measure something after training."""
+        out = {}
+        for d in self.defenses:
+            diag = d.diagnostics(model, data, device)
+            if diag:
+                out[d.name] = diag
+        return out
 
 
 class Edge(nn.Module):

@@ -5,7 +5,7 @@ Per class c present in the batch, attention weights over the class's samples
 give an attention-weighted mean and per-dimension variance of the clean features,
     mu = sum_m a_m z_m,   var = sum_m a_m (z_m - mu)^2,
 and the term  L_c = mean_d max(0, log(var_d + gamma) - log tau),  tau = var_threshold * sigma^2 + gamma.
-L_C is the mean of L_c over the classes present.
+L_C is the mean of L_c over the classes present. Warm-up: 5 epochs by default (the slides).
 
 How the attention network (V, U, w) is trained: it is in the trainer's optimizer (the same optimizer as the
 model, via ``trainable_parameters``). With ``surrogate_update: adversarial`` (default) its gradient from L_C is
@@ -26,11 +26,12 @@ from torch import nn
 
 from ..params import require
 from .base import DEFENSES
-from .cem_common import CEMDefense, CEMParams, class_masks, flat, grad_reverse, weighted_stats
+from .cem_common import CEMDefense, CEMParams, class_masks, component_stats, flat, grad_reverse
 
 
 @dataclass
 class CEMGatedPoolParams(CEMParams):
+    warmup_epochs: int = 5            # the slides' warm-up for gated pooling
     hidden: int = 64                  # attention width (V, U: D -> hidden; w: hidden -> 1)
     temperature: float = 1.0          # softmax temperature of the attention scores
     surrogate_update: Literal["adversarial", "joint"] = "adversarial"
@@ -62,9 +63,11 @@ class GatedAttentionPool(nn.Module):
         return torch.softmax(e, dim=1) * mask
 
 
-def pooled_hinge(z: torch.Tensor, a: torch.Tensor, mask: torch.Tensor, tau: float, gamma: float):
-    """Mean over present groups of mean_d relu(log(var_d + gamma) - log tau) under weights ``a`` (G, N)."""
-    mass, mu, var = weighted_stats(z, a)
+def pooled_hinge(z: torch.Tensor, y: torch.Tensor, a: torch.Tensor, mask: torch.Tensor, tau: float, gamma: float):
+    """Mean over present classes of mean_d relu(log(var_d + gamma) - log tau) under weights ``a`` (C, N)
+    (a[c, n] > 0 only for y[n] == c); float32 two-pass statistics."""
+    mass, mu, var = component_stats(z, a.unsqueeze(1), y)
+    mu, var = mu.squeeze(1), var.squeeze(1)
     per_group = torch.relu(torch.log(var + gamma) - math.log(tau)).mean(-1)
     present = (mask.sum(1) > 0).to(z.dtype)
     return (per_group * present).sum() / present.sum().clamp_min(1), {"mean": mu, "var": var, "present": present}
@@ -88,5 +91,5 @@ class CEMGatedPool(CEMDefense):
             a = grad_reverse(self.pool.weights(z.detach(), mask, p.temperature))
         else:
             a = self.pool.weights(z, mask, p.temperature)
-        l_c, _ = pooled_hinge(z, a, mask, self.tau, p.gamma)
+        l_c, _ = pooled_hinge(z, y, a, mask, self.tau, p.gamma)
         return l_c, {}

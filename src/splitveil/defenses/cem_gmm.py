@@ -1,23 +1,31 @@
-"""CEM with a per-class Gaussian-mixture surrogate (Xia et al., CVPR 2025; DESIGN.md section 3).
+"""CEM with a per-class mixture surrogate (Xia et al., CVPR 2025; DESIGN.md section 3; docs/cem.md).
 
-Between epochs, a k-component mixture of each class's features is refit in torch on the device (batched
-Lloyd / k-means over all classes at once, warm-started from the previous centroids) from features gathered
-during the epoch (a per-class ring buffer filled in ``after_step``). In every training step, each sample of
-class c is assigned to the nearest centroid of class c; the step's per-component mass pi, mean and per-dimension
-variance var (diagonal covariance) give the surrogate:
+Refit (after every epoch, as the released code): the encoder's eval-mode, noise-free features of the training
+split (or of a seeded sample of ``refit_per_class`` images per class, the same images every epoch) are
+clustered per class by k-means in torch on the device: k-means++ start the first time a class is fitted,
+warm-started from the previous centroids afterwards, up to ``kmeans_iters`` Lloyd iterations (stopping early
+when no assignment changes), classes processed in chunks of bounded memory, random draws from the defense's
+own generator (seeded from the run seed and the epoch). The refit stores per class and cluster the centroid
+mu, the weight pi (share of the class's points) and the variance var (mean over points and dimensions of the
+squared distance to mu). Until the first refit (end of epoch 1) the term is 0.
 
-- ``form: logdet`` (the paper): L_C = sum_i pi_i (-log pi_i + 1/2 log |diag(var_i) + s2 I| / |s2 I|),
-  s2 = sigma^2 + gamma (the noise covariance Sigma_p = sigma^2 I, gamma guarding sigma = 0); with
-  ``reduce: mean`` (default) the log-det is divided by the feature dimension D so that lambda has the same
-  scale as the hinge form, ``reduce: sum`` is the paper's exact log-det.
-- ``form: hinge`` (the released code): L_C = sum_i pi_i mean_d relu(log(var_id + gamma) - log tau),
-  tau = var_threshold * sigma^2 + gamma: only the components whose spread exceeds the noise floor are pushed.
+Per training step, each sample goes to the nearest stored centroid of its own class, and:
 
-Both are averaged over the classes present in the batch (and fitted). The trainer backpropagates
-L_task + lambda L_C once: every encoder parameter receives grad(L_task) + lambda grad(L_C), which is exactly
-what the reference's order (backpropagate L_C to the encoder first, keep its gradient, add the task gradient)
-produces, because L_C does not depend on the cloud decoder. Until the first refit (end of epoch 1) there are
-no centroids and the term is 0.
+- ``form: reference`` (default; the released code's loss): per class c and cluster j present in the batch,
+  v = a * mean_{batch members} mean_d (z - mu_cj)^2 + (1 - a) var_cj, a = 10 n_cj / (pi_cj N_c) (0.99 where
+  that is >= 1; n_cj the batch members, N_c the class's training images, 10 = ``var_mix_scale``), and
+  L_c = sum_j pi_cj relu(log(v + gamma) - log tau), tau = var_threshold sigma^2 + gamma; L_C is the mean of
+  L_c over the classes present. (The released code reads pi and var of the wrong class; not reproduced.)
+- ``form: hinge_diag``: per-dimension variances of the batch's members around their batch mean, batch weights:
+  L_c = sum_j p_cj mean_d relu(log(var_cjd + gamma) - log tau).
+- ``form: logdet`` (the paper's equation, diagonal covariances, batch statistics):
+  L_c = sum_j p_cj (-log p_cj + 1/2 log |diag(var_cj) + s2 I| / |s2 I|), s2 = sigma^2; divided by D with
+  ``reduce: mean`` (default), the full log-det with ``reduce: sum``.
+
+The weight is lambda_t = lambda * c_t with ``lambda_schedule: reference`` (cem_common), which makes the
+trainer's single backward of L_task + lambda_t L_C give the released code's update exactly (it back-propagates
+L_C alone, keeps the encoder gradient, and adds lambda c_t times it to the task gradient; L_C reaches no other
+parameter). Nothing in the training step copies to the host.
 """
 from __future__ import annotations
 
@@ -29,83 +37,138 @@ import torch
 
 from ..params import require
 from .base import DEFENSES
-from .cem_common import CEMDefense, CEMParams, class_masks, flat, weighted_stats
+from .cem_common import CEMDefense, CEMParams, class_masks, component_stats, flat
 
 
 @dataclass
 class CEMGMMParams(CEMParams):
-    k: int = 3                                # mixture components per class
-    form: Literal["hinge", "logdet"] = "hinge"
-    reduce: Literal["mean", "sum"] = "mean"   # logdet form: log-det / D (mean) or the full log-det (sum)
-    bank_size: int = 512                      # features kept per class for the refit (the latest of the epoch)
-    kmeans_iters: int = 20                    # Lloyd iterations per refit
+    k: int = 5                                 # clusters per class (the reference's sigmoid VGG: 5)
+    form: Literal["reference", "hinge_diag", "logdet"] = "reference"
+    reduce: Literal["mean", "sum"] = "mean"    # logdet form: log-det / D (mean) or the full log-det (sum)
+    kmeans_iters: int = 50                     # maximum Lloyd iterations per refit
+    refit_per_class: int | None = None         # null: the whole training split; n: a seeded sample of n per class
+    refit_batch_size: int = 256                # batch size of the feature extraction for the refit
+    var_mix_scale: float = 10.0                # reference form: a = var_mix_scale * n_cj / (pi_cj N_c)
+    refit_chunk_elements: int = 1 << 26        # bound on classes x points x dim held by one k-means chunk
 
     def validate(self) -> None:
         super().validate()
         require(self.k >= 1, "k", "must be >= 1")
-        require(self.bank_size >= 1, "bank_size", "must be >= 1")
         require(self.kmeans_iters >= 1, "kmeans_iters", "must be >= 1")
+        require(self.refit_per_class is None or self.refit_per_class >= 1, "refit_per_class", "must be >= 1 or null")
+        require(self.refit_batch_size >= 1, "refit_batch_size", "must be >= 1")
+        require(self.var_mix_scale > 0, "var_mix_scale", "must be positive")
+        require(self.refit_chunk_elements >= 1, "refit_chunk_elements", "must be >= 1")
 
 
-def kmeans(x: torch.Tensor, valid: torch.Tensor, init: torch.Tensor, iters: int) -> torch.Tensor:
-    """Batched Lloyd iterations. x (C, P, D) points, valid (C, P) bool, init (C, k, D) centroids.
-    A centroid that loses all its points keeps its previous position. Returns (C, k, D)."""
+# -- k-means ------------------------------------------------------------------------------------------------
+def _sqdist(x: torch.Tensor, cent: torch.Tensor) -> torch.Tensor:
+    """Squared distances (C, P, k) between x (C, P, D) and cent (C, k, D) (x centred per class by the caller)."""
+    return ((x * x).sum(-1, keepdim=True) - 2 * x @ cent.transpose(1, 2) + (cent * cent).sum(-1).unsqueeze(1)).clamp_min(0)
+
+
+def kmeans_pp(x: torch.Tensor, valid: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """k-means++ start for each class: x (C, P, D), valid (C, P). Returns (C, k, D)."""
+    C = x.shape[0]
+    rows = torch.arange(C, device=x.device)
+    w = valid.to(x.dtype)
+    w_safe = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
+    idx = torch.multinomial(w_safe, 1, generator=generator).squeeze(1)
+    cents = [x[rows, idx]]
+    dmin = ((x - cents[0].unsqueeze(1)) ** 2).sum(-1)
+    for _ in range(1, k):
+        prob = dmin * w
+        prob = torch.where(prob.sum(1, keepdim=True) > 0, prob, w_safe)     # all points equal: uniform
+        idx = torch.multinomial(prob, 1, generator=generator).squeeze(1)
+        cents.append(x[rows, idx])
+        dmin = torch.minimum(dmin, ((x - cents[-1].unsqueeze(1)) ** 2).sum(-1))
+    return torch.stack(cents, 1)
+
+
+def kmeans(x: torch.Tensor, valid: torch.Tensor, init: torch.Tensor, iters: int):
+    """Batched Lloyd iterations over classes: x (C, P, D), valid (C, P) bool, init (C, k, D). Stops when no
+    valid point changes cluster (checked on the host: this runs between epochs). A centroid that loses all its
+    points keeps its position. Returns (centroids (C, k, D), assignment (C, P), iterations run)."""
     cent = init.clone()
+    k = cent.shape[1]
     w_valid = valid.to(x.dtype).unsqueeze(-1)
-    x2 = (x * x).sum(-1, keepdim=True)
-    for _ in range(iters):
-        d = x2 - 2 * x @ cent.transpose(1, 2) + (cent * cent).sum(-1).unsqueeze(1)     # (C, P, k)
-        onehot = (d.argmin(-1).unsqueeze(-1) == torch.arange(cent.shape[1], device=x.device)).to(x.dtype) * w_valid
-        counts = onehot.sum(1)                                                           # (C, k)
-        sums = onehot.transpose(1, 2) @ x                                                # (C, k, D)
+    prev = None
+    it = 0
+    for it in range(1, iters + 1):
+        a = _sqdist(x, cent).argmin(-1)
+        if prev is not None and not bool(((a != prev) & valid).any()):
+            break
+        prev = a
+        onehot = (a.unsqueeze(-1) == torch.arange(k, device=x.device)).to(x.dtype) * w_valid
+        counts = onehot.sum(1)
+        sums = onehot.transpose(1, 2) @ x
         cent = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), cent)
-    return cent
+    return cent, _sqdist(x, cent).argmin(-1), it
 
 
 def assign(z: torch.Tensor, y: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Index of the nearest centroid of each sample's own class. z (N, D), y (N,), centroids (C, k, D)."""
-    c = centroids[y]                                                                      # (N, k, D)
-    d = ((z.unsqueeze(1) - c) ** 2).sum(-1)
-    return d.argmin(1)
+    return ((z.unsqueeze(1) - centroids[y]) ** 2).sum(-1).argmin(1)
+
+
+# -- the per-batch surrogates ---------------------------------------------------------------------------------
+def reference_surrogate(z, y, centroids, fitted, weights, variances, class_count, tau, gamma, var_mix_scale=10.0):
+    """The released code's loss (module doc). z (N, D) float32; centroids (C, k, D); weights, variances (C, k)
+    from the refit; class_count (C,) training images per class. Returns (L_C, stats)."""
+    C, k, _ = centroids.shape
+    with torch.no_grad():
+        comp = assign(z.detach(), y, centroids)
+        member = class_masks(y * k + comp, C * k, z.dtype)                   # (C*k, N)
+        n = member.sum(1).view(C, k)
+        expected = weights * class_count.to(z.dtype).unsqueeze(1)
+        a = var_mix_scale * n / expected.clamp_min(1e-12)
+        a = torch.where((a >= 1) | (expected <= 0), torch.full_like(a, 0.99), a)
+    d2 = ((z - centroids[y, comp]) ** 2).mean(-1)                            # (N,) distance to the stored centroid
+    batch_var = (member @ d2).view(C, k) / n.clamp_min(1)
+    v = a * batch_var + (1 - a) * variances
+    term = weights * torch.relu(torch.log(v + gamma) - math.log(tau)) * (n > 0).to(z.dtype)
+    per_class = term.sum(1)
+    present = ((n.sum(1) > 0) & fitted).to(z.dtype)
+    l_c = (per_class * present).sum() / present.sum().clamp_min(1)
+    return l_c, {"v": v, "a": a, "n": n, "per_class": per_class, "present": present}
 
 
 def gmm_surrogate(z: torch.Tensor, y: torch.Tensor, centroids: torch.Tensor, fitted: torch.Tensor,
                   form: str, tau: float, noise_var: float, gamma: float, reduce: str = "mean"):
-    """L_C of a batch under hard assignment to the class's centroids; returns (L_C, stats dict).
+    """``hinge_diag`` / ``logdet`` forms: batch statistics under hard assignment to the class's centroids.
 
-    stats: ``pi`` (C, k) component masses within each class, ``var`` (C, k, D) per-dimension variances,
-    ``mean`` (C, k, D), ``per_class`` (C,) the class terms, ``present`` (C,) classes that count."""
+    stats: ``pi`` (C, k) batch masses within each class, ``var`` (C, k, D) per-dimension variances around the
+    batch mean of each cluster, ``mean`` (C, k, D), ``per_class`` (C,), ``present`` (C,)."""
     num_classes, k, _ = centroids.shape
     z = flat(z)
     with torch.no_grad():
-        comp = assign(z.detach(), y, centroids.to(z.dtype))
-        groups = y * k + comp
-        w = class_masks(groups, num_classes * k, z.dtype)                                 # (C*k, N)
-    mass, mean, var = weighted_stats(z, w)
-    mass, mean, var = mass.view(num_classes, k), mean.view(num_classes, k, -1), var.view(num_classes, k, -1)
+        comp = assign(z.detach().float(), y, centroids.float())
+        w = class_masks(y * k + comp, num_classes * k).view(num_classes, k, -1)
+    mass, mean, var = component_stats(z, w, y)
     n_c = mass.sum(1)
     pi = mass / n_c.clamp_min(1).unsqueeze(1)
-    if form == "hinge":
+    if form == "hinge_diag":
         per_class = (pi * torch.relu(torch.log(var + gamma) - math.log(tau)).mean(-1)).sum(1)
     else:
-        per_class = _logdet_class(pi, var, noise_var, reduce)
-    present = ((n_c > 0) & fitted).to(z.dtype)
+        logdet = torch.log1p(var / noise_var)
+        logdet = logdet.mean(-1) if reduce == "mean" else logdet.sum(-1)
+        per_class = (-torch.special.xlogy(pi, pi) + pi * 0.5 * logdet).sum(1)
+    present = ((n_c > 0) & fitted).to(var.dtype)
     l_c = (per_class * present).sum() / present.sum().clamp_min(1)
     return l_c, {"pi": pi, "mean": mean, "var": var, "per_class": per_class, "present": present}
 
 
-def _logdet_class(pi: torch.Tensor, var: torch.Tensor, noise_var: float, reduce: str) -> torch.Tensor:
-    """sum_i pi_i (-log pi_i + 1/2 log|Sigma_i + Sigma_p|/|Sigma_p|) per class, diagonal covariances."""
-    logdet = torch.log1p(var / noise_var)
-    logdet = logdet.mean(-1) if reduce == "mean" else logdet.sum(-1)
-    return (-torch.special.xlogy(pi, pi) + pi * 0.5 * logdet).sum(1)
-
-
-@DEFENSES.register("cem_gmm", "CEM: per-class k-means/GMM refit each epoch, lambda * L_C on the feature spread "
-                   "vs the noise floor (params: sigma, lambda, k, form=hinge|logdet)")
+@DEFENSES.register("cem_gmm", "CEM (the paper): per-class k-means refit each epoch on eval-mode training features, "
+                   "the released loss (form=reference|hinge_diag|logdet), lambda schedule reference|constant "
+                   "(params: sigma, lambda, k, form)")
 class CEMGMM(CEMDefense):
     name = "cem_gmm"
     Params = CEMGMMParams
+
+    def __init__(self, params: Any = None):
+        super().__init__(params)
+        self.seed = 0
+        self.refit_iterations: list[int] = []
 
     def allocate(self, num_classes: int, dim: int, device: torch.device | str = "cpu") -> None:
         """Create the mixture state for ``num_classes`` classes of ``dim``-dimensional (flattened) features."""
@@ -114,75 +177,118 @@ class CEMGMM(CEMDefense):
         self.register_buffer("centroids", torch.zeros(C, p.k, dim, device=device))
         self.register_buffer("fitted", torch.zeros(C, dtype=torch.bool, device=device))
         self.register_buffer("mix_weights", torch.zeros(C, p.k, device=device))
-        self.register_buffer("mix_vars", torch.zeros(C, p.k, dim, device=device))
-        self.register_buffer("bank", torch.zeros(C, p.bank_size, dim, device=device), persistent=False)
-        self.register_buffer("bank_count", torch.zeros(C, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("mix_vars", torch.zeros(C, p.k, device=device))
+        self.register_buffer("class_count", torch.zeros(C, device=device))
         self.register_buffer("refits", torch.zeros((), dtype=torch.long, device=device))
 
-    # -- gathering and refitting ---------------------------------------------------------------------
-    @torch.no_grad()
-    def gather(self, z: torch.Tensor, y: torch.Tensor) -> None:
-        """Append a batch's features to the per-class ring buffers (device ops only)."""
-        z = flat(z).to(self.bank.dtype)
-        onehot = (y.unsqueeze(1) == torch.arange(self.num_classes, device=y.device)).long()   # no host sync
-        rank = (onehot.cumsum(0) - 1).gather(1, y.unsqueeze(1)).squeeze(1)
-        pos = (self.bank_count[y] + rank) % self.bank.shape[1]
-        self.bank[y, pos] = z
-        self.bank_count += onehot.sum(0)
+    def setup(self, model, data, device) -> None:
+        super().setup(model, data, device)
+        self.class_count.copy_(torch.bincount(data.train.labels.long(), minlength=self.num_classes).float())
 
+    # -- refitting -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def refit(self, generator: torch.Generator | None = None) -> None:
-        """k-means per class on the gathered features, warm-started from the previous centroids (a class
-        fitted for the first time starts from k random gathered samples); then empties the buffers."""
-        p = self.params
-        cap = self.bank.shape[1]
-        n = self.bank_count.clamp(max=cap)
-        valid = torch.arange(cap, device=n.device).unsqueeze(0) < n.unsqueeze(1)              # (C, P)
-        score = torch.rand(valid.shape, device=valid.device, generator=generator) if generator is not None \
-            else torch.rand(valid.shape, device=valid.device)
-        idx = torch.where(valid, score, torch.full_like(score, -1.0)).topk(min(p.k, cap), dim=1).indices
-        init = torch.gather(self.bank, 1, idx.unsqueeze(-1).expand(-1, -1, self.bank.shape[2]))
-        if init.shape[1] < p.k:  # bank smaller than k: repeat
-            init = init.repeat(1, -(-p.k // init.shape[1]), 1)[:, :p.k]
-        init = torch.where(self.fitted.view(-1, 1, 1), self.centroids, init)
-        cent = kmeans(self.bank, valid, init, p.kmeans_iters)
-        has = n > 0
-        self.centroids.copy_(torch.where(has.view(-1, 1, 1), cent, self.centroids))
-        # mixture weights and diagonal variances of the refit (recorded; the loss uses each batch's own)
-        groups = torch.arange(self.num_classes, device=n.device).unsqueeze(1) * p.k + \
-            assign(self.bank.flatten(0, 1), torch.arange(self.num_classes, device=n.device).repeat_interleave(cap),
-                   self.centroids).view(self.num_classes, cap)
-        w = class_masks(groups.flatten(), self.num_classes * p.k, self.bank.dtype) * valid.flatten().to(self.bank.dtype)
-        mass, _, var = weighted_stats(self.bank.flatten(0, 1), w)
-        mass = mass.view(self.num_classes, p.k)
-        self.mix_weights.copy_(torch.where(has.unsqueeze(1), mass / n.clamp_min(1).unsqueeze(1), self.mix_weights))
-        self.mix_vars.copy_(torch.where(has.view(-1, 1, 1), var.view_as(self.mix_vars), self.mix_vars))
-        self.fitted |= has
-        self.bank_count.zero_()
-        self.refits += 1
-
     def fit_features(self, z: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        """Gather ``z`` (in bank-sized chunks) and refit: the between-epoch step on given features."""
-        self.gather(z, y)
-        self.refit(generator)
+        """Refit the per-class k-means on features ``z`` (N, ...) with labels ``y``: k-means++ for a class not
+        yet fitted, warm start otherwise; a class with fewer than k points keeps its previous state."""
+        p, C = self.params, self.num_classes
+        z = flat(z).to(self.centroids.dtype)
+        y = y.to(z.device).long()
+        counts = torch.bincount(y, minlength=C)
+        if not bool(self.class_count.any()):      # direct use (tests): N_c from the given features
+            self.class_count.copy_(counts.to(self.class_count.dtype))
+        order = torch.argsort(y, stable=True)
+        starts = counts.cumsum(0) - counts
+        counts_h = counts.tolist()
+        D = z.shape[1]
+        c0, iters = 0, 0
+        while c0 < C:   # chunks of classes with bounded memory
+            c1, p_max = c0 + 1, max(1, counts_h[c0])
+            while c1 < C and (c1 + 1 - c0) * max(p_max, counts_h[c1]) * max(D, p.k) <= p.refit_chunk_elements:
+                p_max = max(p_max, counts_h[c1])
+                c1 += 1
+            cls = torch.arange(c0, c1, device=z.device)
+            pos = torch.arange(p_max, device=z.device).unsqueeze(0)
+            valid = pos < counts[cls].unsqueeze(1)
+            take = order[(starts[cls].unsqueeze(1) + torch.minimum(pos, (counts[cls] - 1).clamp_min(0).unsqueeze(1)))
+                         .clamp(max=max(0, len(y) - 1))]
+            x = z[take] * valid.unsqueeze(-1)
+            centre = x.sum(1) / counts[cls].clamp_min(1).unsqueeze(1).to(x.dtype)
+            xc = (x - centre.unsqueeze(1)) * valid.unsqueeze(-1)               # centred: precise distances
+            init = torch.where(self.fitted[cls].view(-1, 1, 1), self.centroids[cls] - centre.unsqueeze(1),
+                               kmeans_pp(xc, valid, p.k, generator))
+            cent, a, it = kmeans(xc, valid, init, p.kmeans_iters)
+            iters = max(iters, it)
+            onehot = (a.unsqueeze(-1) == torch.arange(p.k, device=z.device)).to(x.dtype) * valid.unsqueeze(-1)
+            n_k = onehot.sum(1)                                                  # (c, k)
+            d2 = torch.stack([((xc - cent[:, j:j + 1]) ** 2).mean(-1) for j in range(p.k)], -1)   # exact
+            var = (onehot * d2).sum(1) / n_k.clamp_min(1)
+            ok = (counts[cls] >= p.k).view(-1, 1)
+            self.centroids[cls] = torch.where(ok.unsqueeze(-1), cent + centre.unsqueeze(1), self.centroids[cls])
+            self.mix_weights[cls] = torch.where(ok, n_k / counts[cls].clamp_min(1).unsqueeze(1), self.mix_weights[cls])
+            self.mix_vars[cls] = torch.where(ok, var, self.mix_vars[cls])
+            self.fitted[cls] |= ok.squeeze(1)
+            c0 = c1
+        self.refits += 1
+        self.refit_iterations.append(iters)
+
+    def refit_source(self, data):
+        """The training images the refit encodes: all, or a seeded sample of ``refit_per_class`` per class
+        (drawn once from the run seed, so every epoch refits on the same images)."""
+        n = self.params.refit_per_class
+        if n is None:
+            return data.train
+        g = torch.Generator().manual_seed(10_007 * self.seed + 17)
+        labels = data.train.labels.long()
+        keep = []
+        for c in range(self.num_classes):
+            idx = torch.nonzero(labels == c).squeeze(1)
+            keep.append(idx[torch.randperm(len(idx), generator=g)[:n]])
+        return data.train.subset(torch.sort(torch.cat(keep)).values)
+
+    @torch.no_grad()
+    def refit(self, model, data, device, epoch: int) -> None:
+        enc = model.encoder
+        was = enc.training
+        enc.eval()
+        zs, ys = [], []
+        try:
+            for x, y in data.batches(self.refit_source(data), self.params.refit_batch_size, device):
+                zs.append(enc(x).flatten(1).float())
+                ys.append(y)
+        finally:
+            enc.train(was)
+        dev = self.centroids.device
+        gen = torch.Generator(device=dev).manual_seed(1_000_003 * self.seed + 7919 * epoch + 11)
+        self.fit_features(torch.cat(zs).to(dev), torch.cat(ys).to(dev), gen)
+
+    def on_epoch_start(self, trainer: Any, epoch: int) -> None:
+        super().on_epoch_start(trainer, epoch)
+        self.seed = int(trainer.seed)
+
+    def on_epoch_end(self, trainer: Any, epoch: int) -> None:
+        if self.params.lambda_ > 0:
+            self.refit(trainer.model, trainer.data, trainer.device, epoch)
+        super().on_epoch_end(trainer, epoch)
 
     def mixture(self) -> dict[str, torch.Tensor]:
-        """The last refit: weights (C, k), means (C, k, D), diagonal variances (C, k, D), fitted (C,)."""
+        """The last refit: weights (C, k), centroids (C, k, D), variances (C, k) (mean over dimensions), fitted."""
         return {"weights": self.mix_weights, "means": self.centroids, "variances": self.mix_vars,
                 "fitted": self.fitted}
 
-    def after_step(self, step, trainer) -> None:
-        self.gather(step.z, step.y)
-
-    def on_epoch_end(self, trainer: Any, epoch: int) -> None:
-        self.refit()
-
-    # -- the per-batch surrogate -----------------------------------------------------------------------
+    # -- the per-batch surrogate -----------------------------------------------------------------------------
     def surrogate(self, z, y, epoch):
         p = self.params
-        l_c, _ = gmm_surrogate(z, y, self.centroids, self.fitted, p.form, self.tau, p.sigma ** 2 + p.gamma,
-                               p.gamma, p.reduce)
+        z = flat(z)
+        if p.form == "reference":
+            l_c, _ = reference_surrogate(z, y, self.centroids, self.fitted, self.mix_weights, self.mix_vars,
+                                         self.class_count, self.tau, p.gamma, p.var_mix_scale)
+        else:
+            l_c, _ = gmm_surrogate(z, y, self.centroids, self.fitted, p.form, self.tau, p.sigma ** 2, p.gamma, p.reduce)
         return l_c, {}
 
+    def diagnostic_centroids(self) -> torch.Tensor | None:
+        return self.centroids if bool(self.fitted.all()) else None
+
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "refits": int(self.refits), "classes_fitted": int(self.fitted.sum())}
+        return {**super().info(), "refits": int(self.refits), "classes_fitted": int(self.fitted.sum()),
+                "kmeans_iterations": self.refit_iterations}

@@ -1,34 +1,38 @@
-"""CEM with a Slot Attention + gated cross-attention surrogate (the proposal; DESIGN.md section 3).
+"""CEM with a Slot Attention + gated cross-attention surrogate (the proposal and slides; DESIGN.md section 3).
 
-Per class c of the batch, the class's samples are tokens (one flat feature vector each, LayerNormed and
-projected to ``slot_dim``). Slot Attention (Locatello et al. 2020) aggregates them into S slots over T
-iterations (softmax over slots, weighted mean over tokens, GRU + MLP update, scale ``temperature``, default
-slot_dim^-1/2); all classes run in one batched pass, with class masks. Slot initialisation is a learned
-per-slot embedding (deterministic, so the module is exactly permutation invariant over the batch).
-A Flamingo-style gated cross-attention block then refines the slots against the class's tokens:
-    y = s + tanh(alpha_attn) CrossAttn(LN(s), tokens);   y = y + tanh(alpha_ffn) FFN(LN(y)),
-with alpha_* initialised at ``gate_init`` (near 0: the refined slots start as the plain slots).
-Soft assignments r_ms = softmax_s(beta cos(k_m, y_s)) give per-slot masses, means and per-dimension variances
-of the *raw* features (the noise threshold is in raw units). The loss of class c is
+Tokens: every sample is one token, its flat features LayerNormed and projected to ``slot_dim`` (keys k_m and
+values v_m). Per class c of the batch, Slot Attention (Locatello et al. 2020) aggregates the class's tokens into
+S slots over T iterations (softmax over slots, weighted mean over tokens, GRU + MLP update, logit scale
+``temperature``, default slot_dim^-1/2); all classes run in one batched pass with class masks, from a learned
+per-slot initialisation (deterministic, so the module is permutation invariant over the batch).
+
+Gated cross-attention (Flamingo), as the slides: the *tokens are the queries* and their class's slots the
+keys/values,
+    q_m = k_m;   y_m = q_m + tanh(alpha_attn) CrossAttn(LN(q_m), slots_c);   y_m = y_m + tanh(alpha_ffn) FFN(LN(y_m)),
+alpha_* initialised at ``gate_init`` (near 0). y_m is token m's attention-weighted reconstruction from the slots.
+Assignments r_ms = softmax_s(beta cos(y_m, slot_s)) (beta 20: sharp enough that the slot variances match the
+within-cluster variance) give per-slot masses, raw-feature means mu_s and per-dimension variances var_s
+(float32, two passes). The loss of class c is
     L_c = sum_s g_mass(s) mean_d [ g_dim(s,d) g_snr(s,d) softplus_beta'(log(clip(var_sd) + gamma) - log tau - m) ]
-and L_C = sum_c g_class(c) L_c / #present classes, with the switchable gates of the slides:
-  - per-dim gate  g_dim = sigmoid(MLP(LayerNorm(log var_s))), rescaled to mean 1 over dimensions (it moves
-    the penalty between dimensions, it cannot scale it away);
-  - SNR gate      g_snr = sigmoid(kappa (var / (mu^2 + eps) - snr_tau));
-  - slot-mass gate g_mass = (mass_s / M_c)^mass_power (mass_power 1: the mixture weight pi_s);
-  - class gate    g_class = sigmoid(a (M_c / B - b)), which down-weights classes with very few samples.
-The SNR, mass and class gates are weights computed from detached statistics.
-Warm-up (``warmup_epochs``), early shut-off (``shutoff_epoch``), variance clipping (``var_min``, ``var_max``)
-and the non-finite guard (counted in ``info()['nonfinite_skipped']``) are switchable.
+and L_C = sum_c g_class(c) L_c / #present classes, tau = var_threshold sigma^2 + gamma. Gates (each switchable):
+  - per-dim gate  g_dim = sigmoid(MLP(LayerNorm(log var_s))), rescaled to mean 1 over dimensions;
+  - SNR gate      g_snr = sigmoid(snr_kappa (log var - log sigma^2 - snr_tau)): relative to the *noise*, so
+    spread already buried in the noise is not pushed further;
+  - slot-mass gate g_mass = (mass_s / M_c)^mass_power, renormalised to sum 1 over the class's slots
+    (``mass_renorm``; the slides' power 2.5);
+  - class gate    g_class = sigmoid(class_a (M_c / B - class_b)), down-weighting classes with very few samples.
+The SNR, mass and class gates are computed from detached statistics. Schedule (each switchable): warm-up
+``warmup_epochs`` (slides: 3), early shut-off ``shutoff_steps`` (no loss during the first 100 training steps),
+``shutoff_gate_open`` (no loss while |tanh(alpha_attn)| exceeds it: the gates are widely open), ``shutoff_epoch``
+(off from that epoch). Variance clipping (``var_min``, ``var_max``); the non-finite guard is cem_common's.
 
-How the surrogate's own parameters are trained: all of them are in the trainer's optimizer (the same optimizer
-as the model). With ``surrogate_update: fit`` (default) the slot/cross-attention part sees detached features
-and is trained on a fitting term only, ``fit_weight`` * the soft k-means distortion
-sum_s (mass_s/M_c) mean_d var_sd (the analogue of the GMM's EM refit), reported as the ``fit`` loss term;
-the penalty's gradient reaches the encoder through the statistics only (assignments detached), and the
-per-dim gate receives the penalty gradient reversed (it seeks the dimensions with the largest excess
-spread). With ``surrogate_update: joint`` everything, surrogate included, simply minimises the total loss
-(the literal reading of the slides; the surrogate can then lower the term by itself).
+How the surrogate's own parameters are trained (``surrogate_update``): with ``fit`` (default) the slot and
+cross-attention modules see detached features and are trained on a fitting term only, ``fit_weight`` * the soft
+k-means distortion sum_s (mass_s / M_c) mean_d var_sd (the analogue of the GMM's refit), reported as the ``fit``
+loss term; the penalty reaches the encoder through the statistics only (assignments detached), and the per-dim
+gate receives the penalty's gradient reversed (it seeks the dimensions with the largest excess spread). With
+``joint`` everything, the surrogate included, minimises the total loss (the literal reading of the slides; the
+surrogate can then lower the term by itself).
 """
 from __future__ import annotations
 
@@ -41,18 +45,18 @@ from torch import nn
 
 from ..params import require
 from .base import DEFENSES
-from .cem_common import (CEMDefense, CEMParams, class_masks, flat, grad_reverse, softplus_margin,
-                         weighted_stats)
+from .cem_common import CEMDefense, CEMParams, class_masks, component_stats, flat, grad_reverse, softplus_margin
 
 
 @dataclass
 class CEMSlotCrossParams(CEMParams):
+    warmup_epochs: int = 3            # the slides' attention warm-up
     slots: int = 8                    # S
     iters: int = 3                    # T
     slot_dim: int = 64
     heads: int = 4                    # cross-attention heads
     temperature: float | None = None  # slot attention logit scale; null: slot_dim^-1/2
-    beta: float = 5.0                 # assignment sharpness on cosine similarity
+    beta: float = 20.0                # assignment sharpness on cosine similarity
     gate_init: float = 0.01           # initial alpha of the tanh gates
     sharpness: float = 5.0            # beta' of the softplus margin
     margin: float = 0.0               # m in log var - log tau - m
@@ -62,13 +66,16 @@ class CEMSlotCrossParams(CEMParams):
     dim_gate_hidden: int = 64
     snr_gate: bool = True
     snr_kappa: float = 5.0
-    snr_tau: float = 1.0
+    snr_tau: float = 0.0              # the SNR gate is 1/2 at log var - log sigma^2 = snr_tau
     mass_gate: bool = True
-    mass_power: float = 1.0
+    mass_power: float = 2.5
+    mass_renorm: bool = True          # renormalise (mass share)^power over the class's slots
     class_gate: bool = True
     class_a: float = 50.0
     class_b: float = 0.02
-    shutoff_epoch: int | None = None  # epoch from which the term is off again (early shut-off); null: never
+    shutoff_steps: int = 100          # early shut-off: no loss during the first n training steps (0: none)
+    shutoff_gate_open: float | None = 0.9  # no loss while |tanh(alpha_attn)| > this; null: never
+    shutoff_epoch: int | None = None  # off from this epoch on; null: never
     surrogate_update: Literal["fit", "joint"] = "fit"
     fit_weight: float = 1.0
 
@@ -78,13 +85,18 @@ class CEMSlotCrossParams(CEMParams):
             require(getattr(self, f) >= 1, f, "must be >= 1")
         require(self.slot_dim % self.heads == 0, "heads", "must divide slot_dim")
         require(0 < self.var_min < self.var_max, "var_min", "must satisfy 0 < var_min < var_max")
-        require(self.beta > 0 and self.sharpness > 0, "beta", "beta and sharpness must be positive")
+        require(self.beta > 0, "beta", "must be positive")
+        require(self.sharpness > 0, "sharpness", "must be positive")
         require(self.temperature is None or self.temperature > 0, "temperature", "must be positive or null")
         require(self.fit_weight >= 0, "fit_weight", "must be >= 0")
+        require(self.mass_power >= 0, "mass_power", "must be >= 0")
+        require(self.shutoff_steps >= 0, "shutoff_steps", "must be >= 0")
+        require(self.shutoff_gate_open is None or 0 < self.shutoff_gate_open <= 1, "shutoff_gate_open",
+                "must be in (0, 1] or null")
 
 
 class SlotCrossSurrogate(nn.Module):
-    """Slot Attention over each class's tokens, refined by gated cross-attention; returns soft assignments."""
+    """Slot Attention over each class's tokens, then gated cross-attention with the tokens as queries."""
 
     def __init__(self, dim: int, p: CEMSlotCrossParams):
         super().__init__()
@@ -100,8 +112,13 @@ class SlotCrossSurrogate(nn.Module):
         self.gru = nn.GRUCell(sd, sd)
         self.norm_mlp = nn.LayerNorm(sd)
         self.mlp = nn.Sequential(nn.Linear(sd, 2 * sd), nn.ReLU(), nn.Linear(2 * sd, sd))
-        self.norm_x = nn.LayerNorm(sd)
-        self.xattn = nn.MultiheadAttention(sd, p.heads, batch_first=True)
+        # gated cross-attention: token queries, slot keys/values
+        self.norm_q = nn.LayerNorm(sd)
+        self.norm_kv = nn.LayerNorm(sd)
+        self.xq = nn.Linear(sd, sd, bias=False)
+        self.xk = nn.Linear(sd, sd, bias=False)
+        self.xv = nn.Linear(sd, sd, bias=False)
+        self.xo = nn.Linear(sd, sd)
         self.norm_ffn = nn.LayerNorm(sd)
         self.ffn = nn.Sequential(nn.Linear(sd, 2 * sd), nn.GELU(), nn.Linear(2 * sd, sd))
         self.alpha_attn = nn.Parameter(torch.tensor(float(p.gate_init)))
@@ -115,7 +132,7 @@ class SlotCrossSurrogate(nn.Module):
         return self.to_k(x), self.to_v(x)
 
     def slot_attention(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Plain slots (C, S, sd) of each class (rows of ``mask`` (C, N))."""
+        """Slots (C, S, sd) of each class (rows of ``mask`` (C, N))."""
         C, S, sd = mask.shape[0], self.p.slots, k.shape[1]
         slots = self.slots_init.unsqueeze(0).expand(C, S, sd)
         for _ in range(self.p.iters):
@@ -127,23 +144,31 @@ class SlotCrossSurrogate(nn.Module):
             slots = slots + self.mlp(self.norm_mlp(slots))
         return slots
 
-    def refine(self, slots: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Gated cross-attention: the slots (queries) attend to their class's tokens (keys/values)."""
-        C = slots.shape[0]
-        kv = k.unsqueeze(0).expand(C, -1, -1)
-        pad = (mask == 0) & (mask.sum(1, keepdim=True) > 0)          # an absent class attends to all (weight 0)
-        att, _ = self.xattn(self.norm_x(slots), kv, kv, key_padding_mask=pad, need_weights=False)
-        y = slots + torch.tanh(self.alpha_attn) * att
-        return y + torch.tanh(self.alpha_ffn) * self.ffn(self.norm_ffn(y))
+    def cross(self, q: torch.Tensor, y: torch.Tensor, slots: torch.Tensor):
+        """Gated cross-attention: token m (query) attends to its own class's slots. q (N, sd), y (N,) labels,
+        slots (C, S, sd). Returns the refined tokens y_m (N, sd) and the head-averaged attention (N, S)."""
+        N, sd = q.shape
+        h = self.p.heads
+        kv = self.norm_kv(slots)[y]                                                        # (N, S, sd)
+        qh = self.xq(self.norm_q(q)).view(N, h, 1, sd // h)
+        kh = self.xk(kv).view(N, -1, h, sd // h).transpose(1, 2)                           # (N, h, S, d)
+        vh = self.xv(kv).view(N, -1, h, sd // h).transpose(1, 2)
+        att = torch.softmax(qh @ kh.transpose(-1, -2) * (sd // h) ** -0.5, dim=-1)         # (N, h, 1, S)
+        out = self.xo((att @ vh).reshape(N, sd))
+        yt = q + torch.tanh(self.alpha_attn) * out
+        yt = yt + torch.tanh(self.alpha_ffn) * self.ffn(self.norm_ffn(yt))
+        return yt, att.mean(1).squeeze(1)
 
-    def forward(self, z: torch.Tensor, mask: torch.Tensor):
-        """Soft assignments r (C, S, N) (zero outside each class), plain and refined slots."""
+    def forward(self, z: torch.Tensor, y: torch.Tensor, mask: torch.Tensor):
+        """Soft assignments r (C, S, N) (zero outside each class), the slots and the refined tokens."""
         k, v = self.tokens(z)
-        plain = self.slot_attention(k, v, mask)
-        refined = self.refine(plain, k, mask)
-        sim = nn.functional.normalize(refined, dim=-1) @ nn.functional.normalize(k, dim=-1).t()   # (C, S, N)
-        r = torch.softmax(self.p.beta * sim, dim=1) * mask.unsqueeze(1)
-        return r, plain, refined
+        slots = self.slot_attention(k, v, mask)
+        refined, _ = self.cross(k, y, slots)
+        sim = (nn.functional.normalize(refined, dim=-1).unsqueeze(1)
+               * nn.functional.normalize(slots, dim=-1)[y]).sum(-1)                       # (N, S)
+        r = torch.softmax(self.p.beta * sim, dim=1)
+        r = r.t().unsqueeze(0) * mask.unsqueeze(1)                                          # (C, S, N)
+        return r, slots, refined
 
     def dim_gate(self, log_var: torch.Tensor) -> torch.Tensor:
         g = torch.sigmoid(self.gate_mlp(self.norm_gate(log_var)))
@@ -151,7 +176,7 @@ class SlotCrossSurrogate(nn.Module):
 
 
 @DEFENSES.register("cem_slot_cross", "CEM with a Slot Attention + gated cross-attention surrogate (the proposal; "
-                   "params: sigma, lambda, slots, iters, gates, warmup_epochs)")
+                   "params: sigma, lambda, slots, iters, beta, gates, warmup_epochs, shutoff_*)")
 class CEMSlotCross(CEMDefense):
     name = "cem_slot_cross"
     Params = CEMSlotCrossParams
@@ -169,44 +194,64 @@ class CEMSlotCross(CEMDefense):
         """L_C from raw features z (N, D) and assignments r (C, S, N); also returns the statistics."""
         p = self.params
         C, S, N = r.shape
-        mass, mu, var = weighted_stats(z, r.reshape(C * S, N))
-        mass, mu, var = mass.view(C, S), mu.view(C, S, -1), var.view(C, S, -1)
+        mass, mu, var = component_stats(z, r, y)
         var_c = var.clamp(p.var_min, p.var_max)
-        base = softplus_margin(torch.log(var_c + p.gamma) - math.log(self.tau) - p.margin, p.sharpness)      # (C, S, D)
+        log_v = torch.log(var_c + p.gamma)
+        base = softplus_margin(log_v - math.log(self.tau) - p.margin, p.sharpness)            # (C, S, D)
         if p.dim_gate:
-            g = self.surrogate_net.dim_gate(torch.log(var_c + p.gamma).detach())
+            g = self.surrogate_net.dim_gate(log_v.detach())
             base = base * (grad_reverse(g) if reverse_gate else g)
         if p.snr_gate:
-            v, m = var_c.detach(), mu.detach()
-            base = base * torch.sigmoid(p.snr_kappa * (v / (m * m + 1e-6) - p.snr_tau))
-        n_c = mask.sum(1)                                                                           # (C,)
+            snr = torch.log(var_c.detach()) - math.log(p.sigma ** 2)
+            base = base * torch.sigmoid(p.snr_kappa * (snr - p.snr_tau))
+        n_c = mask.sum(1)                                                                    # (C,)
         share = (mass.detach() / n_c.clamp_min(1).unsqueeze(1)).clamp_min(0)
-        w_slot = share.pow(p.mass_power) if p.mass_gate else torch.full_like(share, 1.0 / S)
+        if p.mass_gate:
+            w_slot = share.pow(p.mass_power)
+            if p.mass_renorm:
+                w_slot = w_slot / w_slot.sum(1, keepdim=True).clamp_min(1e-12)
+        else:
+            w_slot = torch.full_like(share, 1.0 / S)
         per_class = (w_slot * base.mean(-1)).sum(1)
-        present = (n_c > 0).to(z.dtype)
+        present = (n_c > 0).to(per_class.dtype)
+        weight = present
         if p.class_gate:
-            present = present * torch.sigmoid(p.class_a * (n_c / max(1, N) - p.class_b))
-        l_c = (per_class * present).sum() / (n_c > 0).to(z.dtype).sum().clamp_min(1)
+            weight = present * torch.sigmoid(p.class_a * (n_c / max(1, N) - p.class_b))
+        l_c = (per_class * weight).sum() / present.sum().clamp_min(1)
         return l_c, {"mass": mass, "mean": mu, "var": var}
+
+    def schedule_factor(self, step: int) -> torch.Tensor | float:
+        """1, or 0 during the early shut-off (first steps; gates widely open). A device scalar, no host sync."""
+        p = self.params
+        if step < p.shutoff_steps:
+            return 0.0
+        if p.shutoff_gate_open is not None:
+            open_ = torch.tanh(self.surrogate_net.alpha_attn.detach()).abs() > p.shutoff_gate_open
+            return (~open_).float()
+        return 1.0
+
+    def loss(self, step):
+        self._step = step.step
+        return super().loss(step)
 
     def surrogate(self, z, y, epoch):
         p = self.params
         z = flat(z)
         mask = class_masks(y, self.num_classes, z.dtype)
+        factor = self.schedule_factor(getattr(self, "_step", 1 << 30))
         if p.surrogate_update == "joint":
-            r, _, _ = self.surrogate_net(z, mask)
+            r, _, _ = self.surrogate_net(z, y, mask)
             l_c, _ = self.penalty(z, y, r, mask, reverse_gate=False)
-            return l_c, {}
-        r, _, _ = self.surrogate_net(z.detach(), mask)
+            return l_c * factor, {}
+        r, _, _ = self.surrogate_net(z.detach(), y, mask)
         extra = {}
         if p.fit_weight > 0:
-            C, S, N = r.shape
-            mass, _, var = weighted_stats(z.detach(), r.reshape(C * S, N))
+            mass, _, var = component_stats(z.detach(), r, y)
             n_c = mask.sum(1)
-            share = mass.view(C, S) / n_c.clamp_min(1).unsqueeze(1)
-            distortion = (share * var.view(C, S, -1).mean(-1)).sum(1)
+            share = mass / n_c.clamp_min(1).unsqueeze(1)
+            distortion = (share * var.mean(-1)).sum(1)
             extra["fit"] = p.fit_weight * distortion.sum() / (n_c > 0).to(z.dtype).sum().clamp_min(1)
         if not self.active(epoch):
             return torch.zeros((), device=z.device), extra
         l_c, _ = self.penalty(z, y, r.detach(), mask, reverse_gate=True)
-        return l_c, extra
+        return l_c * factor, extra

@@ -174,6 +174,7 @@ def _execute(cfg: RunConfig, run_id: str, run_dir: Path, resume: bool) -> dict[s
     if flags:
         log.warning("test accuracy %.4f is at chance level: the model learned nothing (check train.lr and "
                     "train.epochs); its privacy numbers are meaningless", accuracy)
+    diagnostics = defenses.diagnostics(model, data, device)  # e.g. CEM's feature scale on the test split
 
     edge = Edge(model.encoder, defenses).eval()
     for p in edge.parameters():
@@ -240,6 +241,7 @@ def _execute(cfg: RunConfig, run_id: str, run_dir: Path, resume: bool) -> dict[s
         "feature_shape": list(model.feature_shape),
         "defense": defenses.label,
         "defense_info": defenses.info(),
+        "defense_diagnostics": diagnostics,
         "seed": cfg.seed,
         "accuracy": accuracy,
         "flags": flags,
