@@ -48,10 +48,10 @@ def test_every_attack_is_registered_with_validated_params():
 def test_every_attack_beats_the_mean_image_through_a_run(tmp_path, data_root):
     """An undefended shallow cut of a tiny VGG trained a few steps on MNIST: each attack's test MSE is below
     the mean-aux-image baseline, and the run is recorded as finished with the same result schema."""
-    dec = {"epochs": 5, "batch_size": 16, "channels": 16, "lr": 0.003}
+    dec = {"epochs": 5, "batch_size": 16, "channels": 16, "blocks": 1, "lr": 0.003}
     attacks = {"inverse_network": dec,
-               "inverse_network_plus": {**dec, "beta1": 0.9},
-               "gan": {**dec, "beta1": 0.9, "n_critic": 1, "critic_channels": 8, "adv_weight": 0.001},
+               "inverse_network_plus": dec,
+               "gan": {**dec, "epochs": 2, "beta1": 0.9, "n_critic": 1, "critic_channels": 8, "adv_weight": 0.001},
                "rmle": {"steps": 60, "lr": 0.1, "tv_weight": 0.01}}
     cfg = tiny_config(**{"data.test_size": 32, "attacks": attacks})
     m = run_experiment(cfg, tmp_path)
@@ -67,6 +67,10 @@ def test_every_attack_beats_the_mean_image_through_a_run(tmp_path, data_root):
     assert row["status"] == "finished"
     assert (tmp_path / cfg.run_id() / "recon.png").exists()
     assert (tmp_path / cfg.run_id() / "attack_gan.pt").exists()   # per-epoch checkpoint of the attack's training
+    assert m["attacks"]["gan"]["fit.init"] == "run's inverse_network"   # warm start from the run's decoder
+    wc = m["worst_case"]
+    assert wc["mse"]["value"] == min(r["mse"] for r in m["attacks"].values()) and wc["beats_baseline"]
+    assert m["weak_attack"] is False and wc["weak_attacks"] == []
 
 
 # -- data without training, for the unit tests ---------------------------------------------------------
@@ -97,7 +101,7 @@ def test_rmle_recovers_the_input_through_an_identity_encoder():
     attack = RmleAttack(RmleParams(steps=300, lr=0.05, tv_weight=0.0), show_progress=False)
     edge = Edge(nn.Identity(), DefenseStack([])).eval()
     info = attack.fit(edge, data)
-    assert info["random_edge"] is False and info["noise_samples"] == 1
+    assert info["random_edge"] is False and info["noise_samples"] == 1 and info["likelihood"] == "exact"
     x01 = data.test.images.float() / 255
     x_hat = attack.invert(data.normalize(x01))
     assert x_hat.shape == x01.shape
@@ -113,18 +117,58 @@ def test_rmle_tv_weight_lowers_total_variation():
     edge = plain_edge(encoder)
     z = edge(data.to_model_input(data.test.images, "cpu"))
     tvs = {}
-    for w in (0.0, 0.2):
+    for w in (0.0, 100.0):   # the residual is in units of tolerance * mean(z^2): weights are ~1/tolerance larger
         attack = RmleAttack(RmleParams(steps=150, lr=0.05, tv_weight=w, init="uniform"), show_progress=False)
         attack.fit(edge, data)
         tvs[w] = float(total_variation(attack.invert(z)).mean())
-    assert tvs[0.2] < 0.7 * tvs[0.0], tvs
+    assert tvs[100.0] < 0.7 * tvs[0.0], tvs
 
 
 def test_rmle_is_noise_aware():
     data = synthetic_bundle()
-    attack = RmleAttack(RmleParams(steps=2, noise_samples=5), show_progress=False)
-    info = attack.fit(plain_edge(nn.Conv2d(1, 2, 3, padding=1), {"name": "gaussian_noise", "sigma": 0.1}), data)
-    assert info == {"random_edge": True, "noise_samples": 5}
+    edge = plain_edge(nn.Conv2d(1, 2, 3, padding=1), {"name": "gaussian_noise", "sigma": 0.1})
+    info = RmleAttack(RmleParams(steps=2, noise_samples=5), show_progress=False).fit(edge, data)
+    assert info["random_edge"] and info["likelihood"] == "exact" and info["noise_variance"] == pytest.approx(0.01)
+    assert info["noise_samples"] == 1          # the exact Gaussian likelihood needs no draws
+    mc = RmleAttack(RmleParams(steps=2, noise_samples=5, likelihood="monte_carlo"), show_progress=False).fit(edge, data)
+    assert mc["noise_samples"] == 5
+    # noise after dropout hides which zeros are dropped: Monte Carlo over the edge's draws
+    after = plain_edge(nn.Identity(), {"name": ["dropout", "gaussian_noise"], "rate": 0.5, "sigma": 0.1})
+    assert RmleAttack(RmleParams(steps=2), show_progress=False).fit(after, data)["likelihood"] == "monte_carlo"
+
+
+def test_rmle_under_dropout_uses_the_mask():
+    """Identity encoder, dropout 0.5: the mask-aware likelihood recovers the image (MSE < 0.01); averaging the
+    feature loss over fresh dropout draws (which pins dropped coordinates to zero) does not."""
+    data = synthetic_bundle()
+    edge = plain_edge(nn.Identity(), {"name": "dropout", "rate": 0.5})
+    x01 = data.test.images.float() / 255
+    torch.manual_seed(0)
+    z = edge(data.normalize(x01))
+    mses = {}
+    for lik in ("auto", "monte_carlo"):
+        attack = RmleAttack(RmleParams(steps=300, likelihood=lik, select_images=24), show_progress=False)
+        info = attack.fit(edge, data)
+        mses[lik] = float(((attack.invert(z) - x01) ** 2).mean())
+        assert info["likelihood"] == ("exact" if lik == "auto" else "monte_carlo")
+    assert mses["auto"] < 0.01 < mses["monte_carlo"], mses
+
+
+def test_rmle_tv_weight_is_chosen_by_the_feature_residual():
+    """The discrepancy principle: the largest grid weight whose mean residual is <= 1, never the test images."""
+    data = synthetic_bundle(size=16)
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1))
+    edge = plain_edge(enc, {"name": "gaussian_noise", "sigma": 0.3})
+    z = edge(data.to_model_input(data.test.images, "cpu"))
+    attack = RmleAttack(RmleParams(steps=100, tv_grid=[0.01, 1.0, 100.0], select_images=8), show_progress=False)
+    attack.fit(edge, data)
+    attack.invert(z[:8])
+    sel = {float(k): v for k, v in attack.report()["tv_selection"].items()}
+    assert set(sel) == {0.01, 1.0, 100.0}
+    ok = [w for w, r in sel.items() if r <= 1.0]
+    assert attack.report()["tv_weight"] == (max(ok) if ok else min(sel, key=sel.get))
+    assert sel[100.0] > sel[0.01]          # a heavier prior leaves a larger feature residual
 
 
 def test_total_variation_values():
@@ -136,17 +180,25 @@ def test_total_variation_values():
 def test_gan_losses_finite_and_adversarial_weight_zero_is_the_inverse_network():
     data = synthetic_bundle(n=32, size=8)
     edge = plain_edge(nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ReLU()))
-    common = dict(epochs=2, batch_size=8, lr=1e-3, channels=8)
-    gan = GanAttack(GanParams(**common, beta1=0.9, adv_weight=0.5, n_critic=2, critic_channels=8), show_progress=False)
-    info = gan.fit(edge, data)
+    common = dict(epochs=2, batch_size=8, lr=1e-3, channels=8, blocks=1, val_fraction=0.0)
+    gan = GanAttack(GanParams(**common, beta1=0.9, adv_weight=0.5, n_critic=2, critic_channels=8, init_from_inverse=False),
+                    show_progress=False)
+    batches = []
+    orig = GanAttack.critic_step
+    GanAttack.critic_step = lambda self: (batches.append(id(self._stream)), orig(self))[1]
+    try:
+        info = gan.fit(edge, data)
+    finally:
+        GanAttack.critic_step = orig
+    assert len(batches) == 2 * 8
     for k in ("train_mse", "train_g_loss", "train_d_loss", "train_wdist", "train_g_adv"):
         assert torch.isfinite(torch.tensor(info[k])), k
     assert info["steps"] == 8
 
     inv = InverseNetworkAttack(InverseNetworkParams(**common), seed=3, show_progress=False)
     inv.fit(edge, data)
-    gan0 = GanAttack(GanParams(**common, beta1=0.9, adv_weight=0.0, n_critic=1, critic_channels=8), seed=3,
-                     show_progress=False)
+    gan0 = GanAttack(GanParams(**common, beta1=0.9, adv_weight=0.0, n_critic=1, critic_channels=8, init_from_inverse=False),
+                     seed=3, show_progress=False)
     info0 = gan0.fit(edge, data)
     assert info0["train_g_loss"] == pytest.approx(info0["train_mse"])   # the objective is the MSE alone
     a, b = inv.decoder.state_dict(), gan0.decoder.state_dict()
@@ -160,16 +212,16 @@ def test_gan_losses_finite_and_adversarial_weight_zero_is_the_inverse_network():
 def test_gan_can_start_from_the_runs_inverse_network(tmp_path):
     data = synthetic_bundle(n=16, size=8)
     edge = plain_edge(nn.Conv2d(1, 4, 3, stride=2, padding=1))
-    common = dict(epochs=1, batch_size=8, channels=8)
+    common = dict(epochs=2, batch_size=8, channels=8, blocks=1)
     inv = InverseNetworkAttack(InverseNetworkParams(**common), show_progress=False, workdir=tmp_path)
-    inv.fit(edge, data)
+    inv_info = inv.fit(edge, data)
     gan = GanAttack(GanParams(**common, init_from_inverse=True, critic_channels=8, n_critic=1), show_progress=False,
                     workdir=tmp_path)
     captured = {}
     orig = GanAttack.setup_training
 
-    def spy(self, d):
-        orig(self, d)
+    def spy(self, d, total):
+        orig(self, d, total)
         captured.update({k: v.clone() for k, v in self.decoder.state_dict().items()})
 
     GanAttack.setup_training = spy
@@ -178,8 +230,9 @@ def test_gan_can_start_from_the_runs_inverse_network(tmp_path):
     finally:
         GanAttack.setup_training = orig
     assert info["init"] == "run's inverse_network"
-    for k, v in inv.decoder.state_dict().items():
+    for k, v in inv.decoder.state_dict().items():   # the inverse network's selected (best held-out) epoch
         assert torch.equal(captured[k], v), k
+    assert info["val_mse"] <= inv_info["val_mse"] + 1e-7   # the warm start competes: fine-tuning never ends worse
 
 
 @pytest.mark.parametrize("name", sorted(BLOCKS))
@@ -227,6 +280,20 @@ def test_attention_blocks_follow_weak_to_strong_and_are_switchable():
     assert not plain[0].active
 
 
+def test_wgan_gp_penalty_equals_its_closed_form_for_a_linear_critic():
+    """D(x) = w.x + b has gradient w everywhere: the penalty is (||w|| - 1)^2 whatever the images."""
+    from splitveil.attacks.gan import gradient_penalty
+    torch.manual_seed(0)
+    critic = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 1))
+    with torch.no_grad():
+        critic[1].weight.mul_(7.0)
+    w = critic[1].weight.detach()
+    real, fake = torch.rand(5, 3, 8, 8), torch.rand(5, 3, 8, 8)
+    expected = (w.norm() - 1) ** 2
+    assert float(gradient_penalty(critic, real, fake).detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(expected) > 1.0
+
+
 def test_feature_enhancements_shapes_and_normalisation():
     z = torch.randn(3, 4, 5, 5) * 7 + 3
     n = FeatureEnhancer((4, 5, 5), normalize=True)(z)
@@ -235,6 +302,15 @@ def test_feature_enhancements_shapes_and_normalisation():
     assert FeatureEnhancer((4, 5, 5), fft="concat", nn_enrich="concat")(z).shape == (3, 12, 5, 5)
     assert FeatureEnhancer((4, 5, 5), fft="residual", nn_enrich="residual")(z).shape == (3, 4, 5, 5)
     assert FeatureEnhancer((10,), fft="concat")(torch.randn(2, 10)).shape == (2, 20)
+    # per-channel normalisation with the attacker's statistics keeps each image's brightness
+    enh = FeatureEnhancer((4, 5, 5), normalize="channel")
+    aux = torch.randn(50, 4, 5, 5) * torch.tensor([1.0, 2, 3, 4]).view(1, 4, 1, 1) + 5
+    enh.set_statistics(aux)
+    out = enh(aux)
+    assert torch.allclose(out.mean((0, 2, 3)), torch.zeros(4), atol=1e-4)
+    assert torch.allclose(out.std((0, 2, 3), unbiased=False), torch.ones(4), atol=1e-3)
+    bright = enh(aux[:1] + 1.0)
+    assert float((bright - out[:1]).mean()) > 0.2   # a brighter input stays brighter (per-sample would erase it)
 
 
 def _seen_images(attack_cls, params, edge, data):
@@ -259,7 +335,8 @@ def test_training_time_mode_never_trains_on_test_images(data_root):
 
     data = build_data(DataConfig(name="mnist", root=str(data_root), train_size=64, test_size=48, aux_size=40), seed=0)
     edge = plain_edge(nn.Conv2d(1, 4, 3, stride=2, padding=1))
-    attack, seen = _seen_images(InverseNetworkAttack, InverseNetworkParams(epochs=1, batch_size=16, channels=8), edge, data)
+    attack, seen = _seen_images(InverseNetworkAttack, InverseNetworkParams(epochs=1, batch_size=16, channels=8, blocks=1,
+                                                                           val_fraction=0.0), edge, data)
     fit, ev = attack.fit_split(data), attack.eval_split(data)
     fit_keys = {(fit.pool, int(i)) for i in fit.indices}
     test_keys = {(data.test.pool, int(i)) for i in data.test.indices}
@@ -279,7 +356,8 @@ def test_inference_time_mode_splits_the_test_images(data_root):
 
     data = build_data(DataConfig(name="mnist", root=str(data_root), train_size=64, test_size=48, aux_size=40), seed=0)
     edge = plain_edge(nn.Conv2d(1, 4, 3, stride=2, padding=1))
-    params = InverseNetworkParams(epochs=1, batch_size=16, channels=8, mode="inference-time", fit_fraction=0.25)
+    params = InverseNetworkParams(epochs=1, batch_size=16, channels=8, blocks=1, mode="inference-time", fit_fraction=0.25,
+                                  val_fraction=0.0)
     attack, seen = _seen_images(InverseNetworkAttack, params, edge, data)
     fit, ev = attack.fit_split(data), attack.eval_split(data)
     assert len(fit) == 12 and len(ev) == 36 and len(seen) == 12
@@ -297,12 +375,96 @@ def test_rmle_checkpoints_finished_batches(tmp_path):
     data = synthetic_bundle()
     edge = Edge(nn.Identity(), DefenseStack([])).eval()
     z = data.normalize(data.test.images.float() / 255)
-    first = RmleAttack(RmleParams(steps=20, batch_size=10), show_progress=False, workdir=tmp_path)
+    first = RmleAttack(RmleParams(steps=20, batch_size=10, tv_weight=0.01), show_progress=False, workdir=tmp_path)
     first.fit(edge, data)
     x1 = first.invert(z)
     assert (tmp_path / "attack_rmle.pt").exists()
-    again = RmleAttack(RmleParams(steps=20, batch_size=10), show_progress=False, workdir=tmp_path)
+    again = RmleAttack(RmleParams(steps=20, batch_size=10, tv_weight=0.01), show_progress=False, workdir=tmp_path)
     again.fit(edge, data)
     calls = []
-    again._optimise = lambda zb: calls.append(zb) or zb   # must not be called: every batch is restored
+    again._optimise = lambda zb, *a, **k: calls.append(zb) or zb   # must not be called: every batch is restored
     assert torch.equal(again.invert(z), x1) and calls == []
+
+
+# -- issue 10: strength, shared images, worst case -------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="measured: on this toy problem (128 smooth 16x16 images) the new defaults do not beat "
+                   "the old decoder at 200 steps (MSE 0.0163 vs 0.0147; 0.0148 without the 10% held-out split); "
+                   "see docs/attacks.md. strict: this flags when it starts to hold")
+def test_new_inverse_network_beats_the_old_configuration_at_equal_steps():
+    """Deep-cut-like features (256 channels at 2x2): the residual decoder (width 128 = C_in / 2, AdamW + cosine,
+    best held-out epoch) reconstructs held-out images better than the old 5-layer decoder (fixed 128-channel
+    stem, Adam, no schedule, last epoch) after the same number of steps."""
+    from splitveil import run_attack
+    data = synthetic_bundle(n=128, size=16)
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Conv2d(1, 64, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(64, 128, 3, stride=2, padding=1),
+                        nn.ReLU(), nn.Conv2d(128, 256, 3, stride=2, padding=1), nn.ReLU())
+    edge = plain_edge(enc)
+    old = dict(arch="plain", channels=128, weight_decay=0.0, schedule="none", select="last", val_fraction=0.0)
+    mse = {}
+    for name, kw in (("old", old), ("new", {})):
+        attack = InverseNetworkAttack(InverseNetworkParams(epochs=100, max_steps=STEPS, batch_size=16, **kw), show_progress=False)
+        mse[name] = run_attack(attack, edge, data, seed=0)[0]["mse"]
+    assert mse["new"] < 0.97 * mse["old"], mse
+
+
+STEPS = 200
+
+
+def _suite_run(tmp_path, attacks):
+    """A tiny run that records, per attack, the test positions it is scored on."""
+    import splitveil.experiments.run as run_mod
+    seen = {}
+    orig = run_mod.run_attack
+
+    def spy(attack, edge, data, seed):
+        seen[attack.name] = attack.eval_split(data).indices.tolist()
+        return orig(attack, edge, data, seed)
+
+    run_mod.run_attack = spy
+    try:
+        m = run_experiment(tiny_config(**{"data.test_size": 40, "attacks": attacks}), tmp_path)
+    finally:
+        run_mod.run_attack = orig
+    return m, seen
+
+
+def test_every_attack_of_a_run_is_scored_on_the_same_images(tmp_path, data_root):
+    dec = {"epochs": 1, "batch_size": 32, "channels": 8, "blocks": 1}
+    rmle = {"steps": 2, "tv_weight": 0.0}
+    # training-time: every attack on the whole test split
+    m, seen = _suite_run(tmp_path / "a", {"inverse_network": dec, "gan": {**dec, "n_critic": 1, "critic_channels": 8},
+                                          "rmle": rmle})
+    assert len({tuple(v) for v in seen.values()}) == 1 and len(seen["rmle"]) == 40
+    assert m["baseline"]["mean_image"]["n_images"] == 40
+    # inference-time: one split seeded by the run seed; training-time attacks and rmle scored on its eval part too
+    inf = {**dec, "mode": "inference-time", "fit_fraction": 0.5}
+    m, seen = _suite_run(tmp_path / "b", {"inverse_network": inf, "gan": {**inf, "n_critic": 1, "critic_channels": 8},
+                                          "inverse_network_plus": dec, "rmle": rmle})
+    sets = {tuple(v) for v in seen.values()}
+    assert len(sets) == 1 and len(seen["rmle"]) == 20, seen
+    assert all(r["n_images"] == 20 for r in m["attacks"].values()) and m["baseline"]["mean_image"]["n_images"] == 20
+    from splitveil import DataConfig
+    from splitveil.attacks.base import inference_split
+    data = build_data(DataConfig(name="mnist", root=str(data_root), train_size=512, test_size=40, aux_size=256), seed=0)
+    assert seen["rmle"] == data.test.indices[inference_split(40, 0.5, 0)[1]].tolist()   # seeded by the run seed (0)
+    with pytest.raises(ConfigError, match="fit_fraction"):
+        _suite_run(tmp_path / "c", {"inverse_network": inf, "gan": {**inf, "fit_fraction": 0.9}})
+
+
+def test_worst_case_picks_the_best_reconstruction_and_flags_weak_attacks(tmp_path, data_root):
+    from splitveil.attacks.base import worst_case
+    attacks = {"a": {"mse": 0.02, "psnr": 17.0, "ssim": 0.5}, "b": {"mse": 0.01, "psnr": 16.0, "ssim": 0.6},
+               "c": {"mse": 0.05, "psnr": 20.0, "ssim": 0.4}}
+    wc = worst_case(attacks, {"mse": 0.04})
+    assert wc["mse"] == {"attack": "b", "value": 0.01}
+    assert wc["psnr"] == {"attack": "c", "value": 20.0} and wc["ssim"] == {"attack": "b", "value": 0.6}
+    assert wc["weak_attacks"] == ["c"] and wc["beats_baseline"] is True
+    none_beat = worst_case(attacks, {"mse": 0.005})
+    assert none_beat["beats_baseline"] is False and set(none_beat["weak_attacks"]) == {"a", "b", "c"}
+    # through a run: an rMLE of one step from a gray start cannot beat the mean image; the run carries the flag
+    m, _ = _suite_run(tmp_path, {"rmle": {"steps": 1, "lr": 1e-4, "tv_weight": 0.0}})
+    assert m["weak_attack"] is True and m["worst_case"]["weak_attacks"] == ["rmle"]
+    assert m["worst_case"]["mse"]["attack"] == "rmle" and m["worst_case"]["beats_baseline"] is False
+    assert any("weak attack" in w and "rmle" in w for w in m["warnings"])

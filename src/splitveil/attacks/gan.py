@@ -100,7 +100,7 @@ class GanAttack(InverseNetworkAttack):
         super().setup_training(data, total_steps)   # generator: AdamW + schedule
         self.critic = Critic(data.image_shape, p.critic_channels).to(self.device)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=p.critic_lr, betas=(p.critic_beta1, p.critic_beta2))
-        if p.schedule == "cosine":
+        if p.schedule == "cosine" and p.adv_weight > 0:
             self.schedulers.append(cosine_schedule(self.critic_optimizer, total_steps))
 
     def _critic_stream(self, edge: Edge, data: DataBundle, split: ImageSplit) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

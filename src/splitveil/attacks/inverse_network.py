@@ -84,7 +84,7 @@ def auto_width(c_in: int) -> int:
 
 
 class ResidualBlock(nn.Module):
-    """act(x + BN(conv(act(BN(conv(x))))))."""
+    """act(x + BN(conv(act(BN(conv(x)))))), the last BN's scale initialised at 0 (Goyal et al. 2017)."""
 
     def __init__(self, channels: int, act: str):
         super().__init__()
@@ -92,6 +92,7 @@ class ResidualBlock(nn.Module):
                                   make_activation(act, channels),
                                   nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels))
         self.act = make_activation(act, channels)
+        nn.init.zeros_(self.body[-1].weight)   # zero-init residual branch: each block starts as act(x), a shallow net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(x + self.body(x))

@@ -1,0 +1,139 @@
+"""Does each attack converge at its default budget? (issue 10)
+
+On one trained target of configs/cifar10_vgg11_cpu.yaml (undefended, and Gaussian noise), at a shallow and a
+deep cut, fit each attack at 1/4, 1/2, 1 and 2 times its default budget (decoder epochs, rMLE steps) and
+record the test MSE and fit time. The default must reach within 5% of the MSE at twice the budget.
+
+Designed for 2 shared CPU cores: every (cut, defense, attack, budget) cell is one `--part`, each well under
+10 minutes under the shared lock; trained targets and finished cells are cached in runs/attack_strength_cache/ (ignored
+by git), so the table fills in over several invocations. `--table` writes benchmarks/results/attack_strength.md
+from whatever cells exist, marking the rest "not run". Sizes are reduced on CPU (`--train-size`, `--test-size`,
+`--aux-size`, `--target-epochs`): the table states the budget it was measured under.
+
+    flock /tmp/splitveil-heavy.lock python benchmarks/attack_strength.py --list
+    flock /tmp/splitveil-heavy.lock python benchmarks/attack_strength.py --part 0
+    python benchmarks/attack_strength.py --table
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "runs" / "attack_strength_cache"   # runs/ is ignored by git
+OUT = ROOT / "benchmarks" / "results" / "attack_strength.md"
+CUTS = {"shallow": "conv2", "deep": "conv6"}
+DEFENSES = {"none": {"name": "none"}, "noise0.1": {"name": "gaussian_noise", "sigma": 0.1}}
+ATTACKS = {"inverse_network": "epochs", "inverse_network_plus": "epochs", "gan": "epochs", "rmle": "steps"}
+FACTORS = (0.25, 0.5, 1.0, 2.0)
+
+
+def cells() -> list[tuple[str, str, str, float]]:
+    return [(c, d, a, f) for c in CUTS for d in DEFENSES for a in ATTACKS for f in FACTORS]
+
+
+def target(args, cut: str, defense: str):
+    """The trained target (cached): data, edge."""
+    from splitveil import Edge, config_from_dict
+    from splitveil.data import build_data
+    from splitveil.defenses import build_defenses
+    from splitveil.models import build_split_model
+    from splitveil.training import Trainer
+    import yaml
+
+    tree = yaml.safe_load((ROOT / "configs" / "cifar10_vgg11_cpu.yaml").read_text())
+    tree["data"].update(root=args.data_root, train_size=args.train_size, test_size=args.test_size, aux_size=args.aux_size)
+    tree["model"]["cut"] = CUTS[cut]
+    tree["train"]["epochs"] = args.target_epochs
+    tree["defense"] = DEFENSES[defense]
+    tree["device"], tree["progress"] = "cpu", False
+    cfg = config_from_dict(tree, [])
+    data = build_data(cfg.data, cfg.seed)
+    model = build_split_model(cfg.model, data.num_classes, data.image_shape)
+    defenses = build_defenses(cfg.defense)
+    defenses.setup(model, data, torch.device("cpu"))
+    ck = CACHE / f"target-{cut}-{defense}-{args.train_size}-{args.target_epochs}.pt"
+    ck.parent.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(model, defenses, data, cfg.train, torch.device("cpu"), seed=cfg.seed, ckpt_path=ck,
+                      show_progress=False, augment=False)
+    trainer.fit(resume=True)
+    acc = trainer.evaluate("test", 256)
+    edge = Edge(model.encoder, defenses).eval()
+    for p in edge.parameters():
+        p.requires_grad_(False)
+    return data, edge, acc
+
+
+def run_cell(args, cut, defense, attack, factor) -> dict:
+    from splitveil.attacks import ATTACKS as REG, run_attack
+    data, edge, acc = target(args, cut, defense)
+    cls = REG.get(attack)
+    key = ATTACKS[attack]
+    default = getattr(cls.Params(), key)
+    budget = max(1, round(default * factor))
+    params = cls.Params(**{key: budget})
+    torch.manual_seed(0)
+    result, _, _ = run_attack(cls(params, seed=1, show_progress=False), edge, data, seed=7)
+    return {"cut": cut, "defense": defense, "attack": attack, "factor": factor, "budget": f"{budget} {key}",
+            "mse": result["mse"], "fit_s": result["fit_seconds"], "accuracy": acc}
+
+
+def write_table(args) -> None:
+    rows = []
+    for c, d, a, f in cells():
+        p = CACHE / f"cell-{c}-{d}-{a}-{f}.json"
+        rows.append(json.loads(p.read_text()) if p.exists() else None)
+    lines = ["# Attack strength against budget (issue 10)", "",
+             f"CPU budget (2 shared cores, labelled): CIFAR-10, train {args.train_size}, test {args.test_size}, "
+             f"aux {args.aux_size}, target {args.target_epochs} epochs; cuts {CUTS}. Test MSE per budget factor "
+             "(x default), fit seconds in brackets. 'not run': not measured in the time available.", "",
+             "| cut | defense | attack | x0.25 | x0.5 | x1 (default) | x2 | default within 5% of x2 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in CUTS:
+        for d in DEFENSES:
+            for a in ATTACKS:
+                vals = {}
+                for f in FACTORS:
+                    p = CACHE / f"cell-{c}-{d}-{a}-{f}.json"
+                    vals[f] = json.loads(p.read_text()) if p.exists() else None
+                cellstr = [f"{v['mse']:.5f} ({v['fit_s']:.0f}s)" if v else "not run" for v in vals.values()]
+                ok = (f"{'yes' if vals[1.0]['mse'] <= 1.05 * vals[2.0]['mse'] else 'NO'}" if vals[1.0] and vals[2.0] else "not run")
+                lines.append(f"| {c} | {d} | {a} | " + " | ".join(cellstr) + f" | {ok} |")
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text("\n".join(lines) + "\n")
+    print(OUT.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", type=int, action="append", help="cell number(s) to run (see --list)")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--table", action="store_true")
+    ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--train-size", type=int, default=5000)
+    ap.add_argument("--test-size", type=int, default=500)
+    ap.add_argument("--aux-size", type=int, default=2500)
+    ap.add_argument("--target-epochs", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.list:
+        for i, c in enumerate(cells()):
+            done = (CACHE / f"cell-{c[0]}-{c[1]}-{c[2]}-{c[3]}.json").exists()
+            print(i, *c, "done" if done else "")
+    for i in args.part or []:
+        c = cells()[i]
+        t = time.perf_counter()
+        row = run_cell(args, *c)
+        (CACHE / f"cell-{c[0]}-{c[1]}-{c[2]}-{c[3]}.json").write_text(json.dumps(row))
+        print(row, f"{time.perf_counter() - t:.0f}s")
+    if args.table or args.part:
+        write_table(args)
+
+
+if __name__ == "__main__":
+    main()
