@@ -75,9 +75,14 @@ class DataBundle:
         return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
 
     def _stats(self, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        m = torch.tensor(self.mean, dtype=ref.dtype, device=ref.device).view(1, -1, 1, 1)
-        s = torch.tensor(self.std, dtype=ref.dtype, device=ref.device).view(1, -1, 1, 1)
-        return m, s
+        # made once per device and dtype: a fresh host-to-GPU copy per batch would wait for the GPU's queue
+        key = (ref.device, ref.dtype, tuple(self.mean), tuple(self.std))
+        cache = self.__dict__.setdefault("_stats_cache", {})
+        if key not in cache:
+            m = torch.tensor(self.mean, dtype=ref.dtype, device=ref.device).view(1, -1, 1, 1)
+            s = torch.tensor(self.std, dtype=ref.dtype, device=ref.device).view(1, -1, 1, 1)
+            cache[key] = (m, s)
+        return cache[key]
 
     def normalize(self, images01: torch.Tensor) -> torch.Tensor:
         """[0, 1] images -> the model's input space."""
@@ -143,7 +148,11 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator | None, pa
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     flip = torch.rand(n, generator=generator) < 0.5
     dev = images.device
-    dx, dy, flip = dx.to(dev), dy.to(dev), flip.to(dev)
+    if dev.type == "cuda":  # one pinned, asynchronous copy: no wait for the GPU's queue
+        dx, dy, flip = torch.stack([dx, dy, flip.long()]).pin_memory().to(dev, non_blocking=True).unbind(0)
+        flip = flip.bool()
+    elif dev.type != "cpu":
+        dx, dy, flip = dx.to(dev), dy.to(dev), flip.to(dev)
     padded = F.pad(images, (pad, pad, pad, pad))
     windows = padded.unfold(2, h, 1).unfold(3, w, 1)          # (n, c, 2*pad+1, 2*pad+1, h, w), a view
     out = windows[torch.arange(n, device=dev), :, dy, dx]      # (n, c, h, w): each image's own crop

@@ -164,11 +164,11 @@ class Trainer:
         """Top-1 accuracy with the defenses active as at inference."""
         self.model.eval()
         part = getattr(self.data, split)
-        correct = 0
-        for x, y in self.data.batches(part, batch_size, self.device):
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        for x, y in self.data.batches(part, batch_size, self.device):  # float32: a measurement
             logits = self.model.decoder(self.defenses.transform(self.model.encoder(x), training=False))
-            correct += int((logits.argmax(1) == y).sum())
-        return correct / max(1, len(part))
+            correct += (logits.argmax(1) == y).sum()
+        return int(correct) / max(1, len(part))
 
     def fit(self, resume: bool = False) -> list[dict[str, float]]:
         """Train to ``cfg.epochs``; the model is handed back in the default (contiguous) layout."""
