@@ -54,6 +54,9 @@ class SweepCommand:
             eff = res.efficiency
             print(f"wall {res.wall_s:.1f} s, sum of run times {total_run:.1f} s, {res.slots} parallel slots, "
                   f"parallel efficiency {eff:.0%}" if eff is not None else "")
+        if res.worker_deaths:
+            print(f"{res.worker_deaths} worker process(es) died (killed or out of memory); each was replaced and "
+                  f"its point resumed")
         for rid, err in res.failed.items():
             print(f"failed: {rid}: {err}")
         for rid, err in res.lost.items():

@@ -78,6 +78,7 @@ class SweepResult:
     run_seconds: dict[str, float]
     wall_s: float
     slots: int                            # parallel slots (workers, or concurrent Ray tasks)
+    worker_deaths: int = 0                # local workers that died (each replaced, its point resumed once)
 
     @property
     def complete(self) -> bool:
@@ -373,6 +374,7 @@ class _Tracker:
         self.failed: dict[str, str] = {}
         self.lost: dict[str, str] = {}
         self.seconds: dict[str, float] = {}
+        self.worker_deaths = 0
 
     def running(self) -> int:
         claims = claimed_pids(self.sweep.out, self.pending)
@@ -542,6 +544,7 @@ def _run_local(sweep: Sweep, tracker: _Tracker, workers: int, force: bool) -> in
             drain(1.0)
             for i, rid, code in pool.dead():
                 drain(0.2)   # a result it sent just before dying
+                tracker.worker_deaths += 1
                 if rid is not None and rid in tracker.pending:
                     reason = f"a worker process died (exit code {code}: killed or out of memory)"
                     _mark_lost(sweep.out, [rid], reason)
@@ -655,7 +658,7 @@ def run_sweep(sweep: Sweep, backend: str = "local", workers: int | None = None, 
         prog.update(running=0, force=True)
         prog.close()
     return SweepResult(sweep.name, len(sweep.points), tracker.skipped, tracker.ran, tracker.finished,
-                       tracker.failed, tracker.lost, tracker.seconds, time.time() - t0, slots)
+                       tracker.failed, tracker.lost, tracker.seconds, time.time() - t0, slots, tracker.worker_deaths)
 
 
 def describe(sweep: Sweep, status: dict[str, str] | None = None) -> str:
