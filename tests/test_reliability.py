@@ -399,3 +399,54 @@ def test_sigterm_marks_the_run_interrupted(tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err.decode()[-2000:]
     assert ResultsStore(tmp_path / "out" / "results.sqlite").get(cfg.run_id())["status"] == "interrupted"
+
+
+def test_sweep_dry_run_and_start_reject_a_bad_cut_before_recording(tmp_path, capsys):
+    import yaml
+
+    from splitveil.cli import main
+    from splitveil.experiments.sweep import load_sweep, run_sweep
+    from splitveil.params import ConfigError
+
+    tree = {"name": "s", "config": digits_config().to_dict(), "points": [{"model.cut": 1}, {"model.cut": 42}]}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(tree))
+    assert main(["sweep", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    out = capsys.readouterr()
+    assert "invalid: model.cut: 42 is out of range" in out.out and "1 point(s) invalid" in out.err
+    with pytest.raises(ConfigError, match=r"point 1 \(model.cut=42\): model.cut"):
+        run_sweep(load_sweep(tmp_path / "s.yaml", out=tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out" / "results.sqlite").exists()
+
+
+def test_no_carriage_return_progress_when_stderr_is_not_a_terminal(capsys):
+    from splitveil.utils import progress
+
+    for _ in progress(range(50), True, total=50, mininterval=0):
+        pass
+    assert "\r" not in capsys.readouterr().err
+
+
+def test_sweep_shows_the_epoch_of_each_running_point(tmp_path):
+    import io
+    import os
+    import socket
+    import time
+
+    from splitveil.experiments.sweep import SweepProgress, _Tracker, sweep_from_dict
+
+    sw = sweep_from_dict({"name": "e", "config": digits_config(**{"train.epochs": 7}).to_dict()}, out=tmp_path)
+    (p,) = sw.points
+    (tmp_path / ".locks").mkdir()
+    (tmp_path / ".locks" / f"{p.run_id}.lock").write_text(f"{os.getpid()} {socket.gethostname()} {time.time()}\n")
+    (tmp_path / p.run_id).mkdir()
+    log = tmp_path / p.run_id / "run.log"
+    log.write_text("2026-01-01 00:00:00,000 splitveil.run INFO data digits\n")
+    stream = io.StringIO()
+    tr = _Tracker(sw, sw.points, [], SweepProgress("e", 1, 0, stream))
+    tr.epoch_progress()
+    assert "epoch" not in stream.getvalue()
+    with open(log, "a") as fh:
+        fh.write("2026-01-01 00:00:01,000 splitveil.train INFO epoch 3: {'loss.task': 1.0}\n")
+    tr.epoch_progress()
+    tr.epoch_progress()   # printed once per new epoch
+    assert stream.getvalue().count("epoch 3/7  (base)") == 1

@@ -375,10 +375,34 @@ class _Tracker:
         self.lost: dict[str, str] = {}
         self.seconds: dict[str, float] = {}
         self.worker_deaths = 0
+        self.epochs_seen: dict[str, str] = {}
 
     def running(self) -> int:
         claims = claimed_pids(self.sweep.out, self.pending)
         return sum(1 for c in claims.values() if c[2] >= self.progress.t0 - 1)
+
+    def epoch_progress(self) -> None:
+        """One line per running point when its training finishes an epoch (read from its run.log), so a
+        long point is not silent for minutes."""
+        claims = claimed_pids(self.sweep.out, self.pending)
+        for rid in claims:
+            try:
+                with open(self.sweep.out / rid / "run.log", "rb") as fh:
+                    fh.seek(0, os.SEEK_END)
+                    fh.seek(max(0, fh.tell() - 8192))
+                    tail = fh.read().decode(errors="replace")
+            except OSError:
+                continue
+            epochs = [ln for ln in tail.splitlines() if " splitveil.train INFO epoch " in ln]
+            if not epochs:
+                continue
+            k = epochs[-1].split(" splitveil.train INFO epoch ", 1)[1].split(":", 1)[0]
+            if self.epochs_seen.get(rid) != k:
+                self.epochs_seen[rid] = k
+                cfg = self.by_id[rid].config if rid in self.by_id else None
+                total = f"/{cfg.train.epochs}" if cfg else ""
+                label = self.by_id[rid].label if rid in self.by_id else rid
+                self.progress.event(f"  epoch {k}{total}  {label}")
 
     def record(self, res: dict[str, Any]) -> None:
         rid = res["run_id"]
@@ -558,6 +582,7 @@ def _run_local(sweep: Sweep, tracker: _Tracker, workers: int, force: bool) -> in
                         tracker.progress.event(f"  LOST     {tracker.by_id[rid].label}: {tracker.lost[rid]}")
                 if todo and len(pool.workers) < workers:
                     pool.spawn()
+            tracker.epoch_progress()
             tracker.progress.update(running=tracker.running())
     except KeyboardInterrupt:
         # Ctrl-C or SIGTERM to the parent alone: interrupt the running points (they are marked interrupted
@@ -579,6 +604,17 @@ def _run_local(sweep: Sweep, tracker: _Tracker, workers: int, force: bool) -> in
     return workers
 
 
+RAY_MIN_VERSION = (2, 52)
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
 def _run_ray(sweep: Sweep, tracker: _Tracker, force: bool, address: str | None, num_cpus: int | None,
              num_gpus: int | None, cpus_per_run: float, gpus_per_run: float) -> int:
     try:
@@ -591,7 +627,14 @@ def _run_ray(sweep: Sweep, tracker: _Tracker, force: bool, address: str | None, 
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus or available_cores(), num_gpus=num_gpus, **kwargs)
+            # a local cluster runs arbitrary code for whoever can reach it: listen on the loopback only and
+            # with Ray's token authentication (Ray >= 2.52; on by default for local clusters from 2.59)
+            if _version_tuple(ray.__version__) < RAY_MIN_VERSION:
+                raise ConfigError(f"the ray backend needs Ray >= {'.'.join(map(str, RAY_MIN_VERSION))} (token "
+                                  f"authentication); found {ray.__version__}: pip install -U 'ray>=2.52'")
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+            ray.init(num_cpus=num_cpus or available_cores(), num_gpus=num_gpus, _node_ip_address="127.0.0.1",
+                     **kwargs)
         started = True
     try:
         cluster = ray.cluster_resources()
@@ -616,6 +659,7 @@ def _run_ray(sweep: Sweep, tracker: _Tracker, force: bool, address: str | None, 
                         _mark_lost(sweep.out, [rid], reason)
                         tracker.lost[rid] = reason
                         tracker.progress.event(f"  LOST     {tracker.by_id[rid].label}: {reason}; re-run the sweep to resume")
+                tracker.epoch_progress()
                 tracker.progress.update(running=tracker.running())
         except KeyboardInterrupt:
             for ref in pending:
@@ -635,6 +679,11 @@ def run_sweep(sweep: Sweep, backend: str = "local", workers: int | None = None, 
     """Run every point of ``sweep`` that has not finished; returns what was done (see ``SweepResult``)."""
     if backend not in BACKENDS:
         raise ConfigError(f"--backend: '{backend}' is not one of {', '.join(BACKENDS)}")
+    bad = check_points(sweep)
+    if bad:
+        p = next(p for p in sweep.points if p.run_id in bad)
+        raise ConfigError(f"point {p.index} ({p.label}): {bad[p.run_id]}"
+                          + (f" (and {len(bad) - 1} more point(s))" if len(bad) > 1 else ""))
     sweep.out.mkdir(parents=True, exist_ok=True)
     ResultsStore(sweep.out / "results.sqlite")  # create the store (WAL) before workers race to
     status = sweep.status()
@@ -661,9 +710,33 @@ def run_sweep(sweep: Sweep, backend: str = "local", workers: int | None = None, 
                        tracker.failed, tracker.lost, tracker.seconds, time.time() - t0, slots, tracker.worker_deaths)
 
 
+def check_points(sweep: Sweep) -> dict[str, str]:
+    """Run id -> problem of every point whose data root or ``model.cut`` is bad (what would only fail once
+    running, leaving a 'failed' row); checked once per distinct data/model setting."""
+    from dataclasses import asdict
+
+    from .run import preflight
+
+    seen: dict[str, str | None] = {}
+    bad = {}
+    for p in sweep.points:
+        key = json.dumps([asdict(p.config.data), asdict(p.config.model)], sort_keys=True, default=str)
+        if key not in seen:
+            try:
+                preflight(p.config)
+                seen[key] = None
+            except ConfigError as e:
+                seen[key] = str(e)
+        if seen[key]:
+            bad[p.run_id] = seen[key]
+    return bad
+
+
 def describe(sweep: Sweep, status: dict[str, str] | None = None) -> str:
     """A markdown table of the points of a sweep with their current status."""
     status = status or sweep.status()
+    bad = check_points(sweep)
+    status = {rid: (f"invalid: {bad[rid]}" if rid in bad else st) for rid, st in status.items()}
     lines = [f"sweep {sweep.name}: {len(sweep.points)} points -> {sweep.out}", "",
              "| # | overrides | status | run id |", "|---|---|---|---|"]
     for p in sweep.points:
