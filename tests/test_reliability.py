@@ -320,3 +320,133 @@ def test_corrupt_results_store_is_one_clear_error(tmp_path):
     (tmp_path / "results.sqlite").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(CorruptFileError, match="results.sqlite: not a readable results store"):
         ResultsStore(tmp_path / "results.sqlite")
+
+
+# -- a newcomer's first hour -----------------------------------------------------------------------------
+
+def _env():
+    import os
+    from pathlib import Path
+
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+
+
+def test_cli_parser_imports_no_torch_and_python_m_works():
+    import subprocess
+    import sys
+
+    code = ("import sys, splitveil.cli; splitveil.cli.build_parser(); import splitveil; "
+            "print(sorted(m for m in ('torch', 'numpy', 'yaml') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+    out = subprocess.run([sys.executable, "-m", "splitveil", "--version"], capture_output=True, text=True,
+                         env=_env(), timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("splitveil ")
+
+
+def test_unknown_names_suggest_a_close_one_and_broken_pipe_is_quiet(capsys):
+    import subprocess
+    import sys
+
+    from splitveil.cli import main
+
+    assert main(["blocks", "vgg11"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'vgg11_bn'" in err and "Traceback" not in err
+    with pytest.raises(Exception, match="did you mean 'inverse_network'"):
+        digits_config(**{"attacks": "{inverse_netwrok: {}}"})
+    p = subprocess.Popen([sys.executable, "-m", "splitveil", "list", "defenses"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=_env())
+    p.stdout.close()              # the reader went away (`| head`)
+    err = p.stderr.read().decode()
+    p.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_factories_build_attacks_and_defenses_with_validated_params():
+    from splitveil import create_attack, create_defense
+    from splitveil.params import ConfigError
+
+    a = create_attack("inverse_network", epochs=2)
+    assert a.params.epochs == 2 and a.params.lr == 1e-3
+    d = create_defense("gaussian_noise", sigma=0.3)
+    assert d.label == "gaussian_noise" and d.get("gaussian_noise").params.sigma == 0.3
+    with pytest.raises(ConfigError, match="epochs"):
+        create_attack("inverse_network", epochs="two")
+    with pytest.raises(ConfigError, match="did you mean"):
+        create_attack("inverse_netwrk")
+
+
+def test_sigterm_marks_the_run_interrupted(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from splitveil.experiments import ResultsStore
+
+    cfg = digits_config(**{"train.epochs": 400})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    p = subprocess.Popen([sys.executable, "-m", "splitveil", "run", str(tmp_path / "c.yaml"), "--out",
+                          str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    deadline = time.time() + 90
+    while time.time() < deadline and not (tmp_path / "out" / cfg.run_id() / "checkpoint.pt").exists():
+        time.sleep(0.1)
+    os.kill(p.pid, signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err.decode()[-2000:]
+    assert ResultsStore(tmp_path / "out" / "results.sqlite").get(cfg.run_id())["status"] == "interrupted"
+
+
+def test_sweep_dry_run_and_start_reject_a_bad_cut_before_recording(tmp_path, capsys):
+    import yaml
+
+    from splitveil.cli import main
+    from splitveil.experiments.sweep import load_sweep, run_sweep
+    from splitveil.params import ConfigError
+
+    tree = {"name": "s", "config": digits_config().to_dict(), "points": [{"model.cut": 1}, {"model.cut": 42}]}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(tree))
+    assert main(["sweep", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    out = capsys.readouterr()
+    assert "invalid: model.cut: 42 is out of range" in out.out and "1 point(s) invalid" in out.err
+    with pytest.raises(ConfigError, match=r"point 1 \(model.cut=42\): model.cut"):
+        run_sweep(load_sweep(tmp_path / "s.yaml", out=tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out" / "results.sqlite").exists()
+
+
+def test_no_carriage_return_progress_when_stderr_is_not_a_terminal(capsys):
+    from splitveil.utils import progress
+
+    for _ in progress(range(50), True, total=50, mininterval=0):
+        pass
+    assert "\r" not in capsys.readouterr().err
+
+
+def test_sweep_shows_the_epoch_of_each_running_point(tmp_path):
+    import io
+    import os
+    import socket
+    import time
+
+    from splitveil.experiments.sweep import SweepProgress, _Tracker, sweep_from_dict
+
+    sw = sweep_from_dict({"name": "e", "config": digits_config(**{"train.epochs": 7}).to_dict()}, out=tmp_path)
+    (p,) = sw.points
+    (tmp_path / ".locks").mkdir()
+    (tmp_path / ".locks" / f"{p.run_id}.lock").write_text(f"{os.getpid()} {socket.gethostname()} {time.time()}\n")
+    (tmp_path / p.run_id).mkdir()
+    log = tmp_path / p.run_id / "run.log"
+    log.write_text("2026-01-01 00:00:00,000 splitveil.run INFO data digits\n")
+    stream = io.StringIO()
+    tr = _Tracker(sw, sw.points, [], SweepProgress("e", 1, 0, stream))
+    tr.epoch_progress()
+    assert "epoch" not in stream.getvalue()
+    with open(log, "a") as fh:
+        fh.write("2026-01-01 00:00:01,000 splitveil.train INFO epoch 3: {'loss.task': 1.0}\n")
+    tr.epoch_progress()
+    tr.epoch_progress()   # printed once per new epoch
+    assert stream.getvalue().count("epoch 3/7  (base)") == 1

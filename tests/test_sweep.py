@@ -175,50 +175,84 @@ def test_mean_and_std_match_a_direct_computation_from_the_store(local_sweep, tmp
         assert not math.isnan(float(r["inverse_network.mse_std"]))
 
 
-def test_killed_worker_then_rerun_finishes_the_rest_and_reruns_nothing_finished(tmp_path, data_root):
-    path = tiny_sweep(tmp_path, "killme", grid={"seed": [0, 1, 2, 3]}, **{"train.epochs": 2})
-    out = tmp_path / "out"
-    sweep = load_sweep(path, out=out)
-    ids = [p.run_id for p in sweep.points]
+def _start_sweep(path: Path, out: Path, workers: int = 2) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "splitveil.cli", "sweep", str(path), "--workers", "2",
+    return subprocess.Popen([sys.executable, "-m", "splitveil", "sweep", str(path), "--workers", str(workers),
                              "--out", str(out), "--no-progress"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+
+
+def _running_point(out: Path, parent: int, after_one_finished: bool) -> tuple[str, int] | None:
+    """(run id, worker pid) of a point being run right now (its lock file names the worker)."""
+    if not (out / "results.sqlite").exists():
+        return None
+    rows = store_rows(out)
+    if after_one_finished and not any(r["status"] == "finished" for r in rows.values()):
+        return None
+    for rid, r in rows.items():
+        lock = out / ".locks" / f"{rid}.lock"
+        parts = lock.read_text().split() if lock.exists() else []
+        if r["status"] == "running" and len(parts) == 3 and int(parts[0]) != parent:
+            return rid, int(parts[0])
+    return None
+
+
+def test_killed_worker_is_replaced_and_the_sweep_finishes_without_rerunning_anything(tmp_path, data_root):
+    path = tiny_sweep(tmp_path, "killme", grid={"seed": [0, 1, 2, 3]}, **{"train.epochs": 2})
+    out = tmp_path / "out"
+    ids = [p.run_id for p in load_sweep(path, out=out).points]
+    proc = _start_sweep(path, out)
     killed = None
     deadline = time.time() + 120
     try:
         while killed is None and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-            if not (out / "results.sqlite").exists():
-                continue
-            rows = store_rows(out)
-            if not any(r["status"] == "finished" for r in rows.values()):
-                continue
-            for rid, r in rows.items():   # a point being run right now: its lock file names the worker
-                lock = out / ".locks" / f"{rid}.lock"
-                parts = lock.read_text().split() if lock.exists() else []
-                if r["status"] == "running" and len(parts) == 3 and int(parts[0]) != proc.pid:
-                    os.kill(int(parts[0]), signal.SIGKILL)
-                    killed = rid
-                    break
-        log = proc.communicate(timeout=120)[0]
+            time.sleep(0.1)
+            hit = _running_point(out, proc.pid, after_one_finished=True)
+            if hit:
+                os.kill(hit[1], signal.SIGKILL)
+                killed = hit[0]
+        log = proc.communicate(timeout=180)[0]
     finally:
         if proc.poll() is None:
             proc.kill()
     assert killed is not None, "no running point to kill was seen"
-    assert proc.returncode == 1 and "worker process died" in log, log
-    rows = store_rows(out)
-    done_first = sorted(rid for rid, r in rows.items() if r["status"] == "finished")
-    assert 1 <= len(done_first) < 4 and killed not in done_first
-    assert rows[killed]["status"] == "interrupted" and "worker process died" in rows[killed]["error"]
-    stamps = {rid: rows[rid]["updated"] for rid in done_first}
-
-    res = run_sweep(load_sweep(path, out=out), workers=2, progress=False)
-    assert sorted(res.skipped) == done_first
-    assert sorted(res.ran) == sorted(set(ids) - set(done_first)) and killed in res.ran
+    assert proc.returncode == 0 and "1 worker process(es) died" in log and "4/4 finished" in log, log
     rows = store_rows(out)
     assert sorted(rows) == sorted(ids) and all(r["status"] == "finished" for r in rows.values())
-    assert {rid: rows[rid]["updated"] for rid in done_first} == stamps     # nothing finished was run again
+    # every other point ran once; the killed one was started twice (the second time by the replacement)
+    starts = {rid: (out / rid / "run.log").read_text().count(" data mnist: ") for rid in ids}
+    assert starts == {rid: 2 if rid == killed else 1 for rid in ids}, starts
+    again = run_sweep(load_sweep(path, out=out), workers=2, progress=False)
+    assert sorted(again.skipped) == sorted(ids) and again.ran == []
+
+
+def test_sigint_to_the_sweep_parent_stops_running_and_queued_points(tmp_path, data_root):
+    path = tiny_sweep(tmp_path, "stopme", grid={"seed": [0, 1, 2, 3, 4, 5]}, **{"train.epochs": 6})
+    out = tmp_path / "out"
+    proc = _start_sweep(path, out)
+    hit = None
+    deadline = time.time() + 120
+    try:
+        while hit is None and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+            hit = _running_point(out, proc.pid, after_one_finished=False)
+        assert hit is not None, "no running point was seen"
+        os.kill(proc.pid, signal.SIGINT)          # the parent alone, as `kill -INT`
+        t = time.time()
+        log = proc.communicate(timeout=90)[0]
+        stopped_in = time.time() - t
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, log
+    assert "--resume" not in log and "run the same command again" in log
+    assert stopped_in < 60
+    rows = store_rows(out)
+    assert len(rows) < 6 and not any(r["status"] == "running" for r in rows.values()), rows
+    assert rows[hit[0]]["status"] in ("interrupted", "finished")
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):   # the worker is gone (no queued point keeps running)
+        os.kill(hit[1], 0)
 
 
 def test_ray_backend_local_cluster(tmp_path, data_root):

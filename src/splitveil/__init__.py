@@ -3,21 +3,43 @@
 The small Python API (see README, "Python API")::
 
     from splitveil import (DataConfig, build_data, ModelConfig, build_split_model, split, create_model,
-                           build_defenses, Edge, TrainConfig, Trainer, ATTACKS, run_attack,
-                           image_metrics, edge_cost, load_config, run_experiment)
+                           build_defenses, create_defense, Edge, TrainConfig, Trainer, ATTACKS, create_attack,
+                           run_attack, image_metrics, edge_cost, load_config, run_experiment)
+
+Names are imported on first use, so ``import splitveil`` (and ``splitveil --help``) does not load torch.
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from .attacks import ATTACKS, Attack, run_attack  # noqa: E402
-from .data import DATASETS, DataConfig, build_data  # noqa: E402
-from .defenses import DEFENSES, Defense, Edge, build_defenses  # noqa: E402
-from .experiments import RunConfig, config_from_dict, load_config, run_experiment  # noqa: E402
-from .metrics import edge_cost, image_metrics, mean_intra_class_radius  # noqa: E402
-from .models import MODELS, ModelConfig, build_split_model, create_model, split  # noqa: E402
-from .params import ConfigError  # noqa: E402
-from .training import TrainConfig, Trainer  # noqa: E402
+_API = {
+    "ATTACKS": ".attacks", "Attack": ".attacks", "run_attack": ".attacks",
+    "DATASETS": ".data", "DataConfig": ".data", "build_data": ".data",
+    "DEFENSES": ".defenses", "Defense": ".defenses", "Edge": ".defenses", "build_defenses": ".defenses",
+    "RunConfig": ".experiments", "config_from_dict": ".experiments", "load_config": ".experiments",
+    "run_experiment": ".experiments",
+    "edge_cost": ".metrics", "image_metrics": ".metrics", "mean_intra_class_radius": ".metrics",
+    "MODELS": ".models", "ModelConfig": ".models", "build_split_model": ".models", "create_model": ".models",
+    "split": ".models",
+    "ConfigError": ".params",
+    "create_attack": ".registry", "create_defense": ".registry",
+    "TrainConfig": ".training", "Trainer": ".training",
+}
 
-__all__ = ["ATTACKS", "Attack", "ConfigError", "DATASETS", "DEFENSES", "DataConfig", "Defense", "Edge", "MODELS",
-           "ModelConfig", "RunConfig", "TrainConfig", "Trainer", "build_data", "build_defenses", "build_split_model",
-           "config_from_dict", "create_model", "edge_cost", "image_metrics", "load_config",
-           "mean_intra_class_radius", "run_attack", "run_experiment", "split"]
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _API.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'splitveil' has no attribute '{name}'")
+    value = getattr(importlib.import_module(mod, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

@@ -28,12 +28,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def progress(iterable: Iterable | None = None, enabled: bool = True, **kw: Any):
-    """A tqdm progress bar on stderr (a silent pass-through when disabled)."""
+    """A tqdm progress bar on stderr (a silent pass-through when disabled or stderr is not a terminal)."""
+    import sys
+
     from tqdm.auto import tqdm
 
     kw.setdefault("mininterval", 0.5)
     kw.setdefault("dynamic_ncols", True)
-    return tqdm(iterable, disable=not enabled, **kw)
+    # only on a terminal: redirected to a file or a pipe, a bar is a stream of '\r' lines (logs say more)
+    interactive = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    return tqdm(iterable, disable=not (enabled and interactive), **kw)
 
 
 def _atomic_write(path: str | Path, write) -> None:

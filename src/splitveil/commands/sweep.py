@@ -2,6 +2,8 @@
 points and resuming interrupted ones; a live progress line shows done / running / failed / remaining and ETA."""
 from __future__ import annotations
 
+import sys
+
 from . import command
 
 
@@ -41,8 +43,13 @@ class SweepCommand:
             raise ConfigError("--workers: must be >= 1")
         sweep = load_sweep(args.sweep, overrides, args.out)
         if args.dry_run:
+            from ..experiments.sweep import check_points
+
             print(describe(sweep))
-            return 0
+            bad = check_points(sweep)
+            if bad:
+                print(f"\n{len(bad)} point(s) invalid: fix them before running", file=sys.stderr)
+            return 2 if bad else 0
         res = run_sweep(sweep, backend=args.backend, workers=args.workers, force=args.force,
                         progress=not args.no_progress, address=args.address, num_cpus=args.num_cpus,
                         num_gpus=args.num_gpus, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
@@ -54,6 +61,9 @@ class SweepCommand:
             eff = res.efficiency
             print(f"wall {res.wall_s:.1f} s, sum of run times {total_run:.1f} s, {res.slots} parallel slots, "
                   f"parallel efficiency {eff:.0%}" if eff is not None else "")
+        if res.worker_deaths:
+            print(f"{res.worker_deaths} worker process(es) died (killed or out of memory); each was replaced and "
+                  f"its point resumed")
         for rid, err in res.failed.items():
             print(f"failed: {rid}: {err}")
         for rid, err in res.lost.items():

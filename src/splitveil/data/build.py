@@ -33,7 +33,7 @@ class DataConfig:
                                      # aux_size images of its training pool, at this dataset's size and channels
 
     def validate(self) -> None:
-        require(self.name in DATASETS, "name", f"unknown dataset '{self.name}'; registered: {', '.join(DATASETS.names())}")
+        require(self.name in DATASETS, "name", DATASETS.unknown(self.name))
         require(self.image_size is None or self.image_size >= 4, "image_size", "must be >= 4")
         require(self.channels in (None, 1, 3), "channels", "must be 1, 3 or null")
         for f in ("train_size", "test_size"):

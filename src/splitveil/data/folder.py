@@ -25,7 +25,7 @@ def _class_dirs(root: Path) -> list[Path]:
 
 def _read_tree(root: Path, classes: list[str], image_size: int, channels: int | None,
                desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from tqdm.auto import tqdm
+    from ..utils import progress
 
     files: list[tuple[Path, int]] = []
     for label, name in enumerate(classes):
@@ -41,7 +41,7 @@ def _read_tree(root: Path, classes: list[str], image_size: int, channels: int | 
         mode = "L" if Image.open(files[0][0]).mode in ("L", "I", "I;16", "1") else "RGB"
     out = torch.empty((len(files), 1 if mode == "L" else 3, image_size, image_size), dtype=torch.uint8)
     labels = torch.tensor([lab for _, lab in files], dtype=torch.int64)
-    for i, (f, _) in enumerate(tqdm(files, desc=desc, unit="img", mininterval=1.0, leave=False)):
+    for i, (f, _) in enumerate(progress(files, desc=desc, unit="img", mininterval=1.0, leave=False)):
         with Image.open(f) as im:
             im = im.convert(mode)
             if im.size != (image_size, image_size):

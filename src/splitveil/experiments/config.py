@@ -63,7 +63,7 @@ class RunConfig:
         out = {}
         for name, params in self.attacks.items():
             if name not in ATTACKS:
-                raise ConfigError(f"attacks.{name}: unknown attack; registered: {', '.join(ATTACKS.names())}")
+                raise ConfigError(f"attacks.{name}: {ATTACKS.unknown(name)}")
             out[name] = coerce(ATTACKS.get(name).Params, params or {}, f"attacks.{name}")
         return out
 

@@ -2,8 +2,8 @@
 results-store row, via ``run_experiment``). Finished points are skipped on a re-run, interrupted ones resume
 from their checkpoints, so a sweep killed at any moment continues with nothing lost and nothing run twice.
 
-Backends: ``local`` (N worker processes on this machine, spawn start method, each worker limited to
-``max(1, cores // N)`` torch threads) and ``ray`` (an existing cluster by address, or a local one started for
+Backends: ``local`` (N worker processes on this machine, spawn start method; a worker that dies is replaced
+and its point resumed once; every run uses its own fixed torch thread count, config ``threads``) and ``ray`` (an existing cluster by address, or a local one started for
 the sweep; every run is one Ray task with its CPU/GPU request). See docs/sweeps.md for the file format.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 import time
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, TextIO
@@ -77,6 +78,7 @@ class SweepResult:
     run_seconds: dict[str, float]
     wall_s: float
     slots: int                            # parallel slots (workers, or concurrent Ray tasks)
+    worker_deaths: int = 0                # local workers that died (each replaced, its point resumed once)
 
     @property
     def complete(self) -> bool:
@@ -359,20 +361,6 @@ def _stop() -> None:
         _STOPPED = True
 
 
-def _init_worker(threads: int, counter, gpus: int) -> None:
-    global _WORKER_INDEX, _LOCAL_WORKER
-    import torch
-
-    _LOCAL_WORKER = True
-
-    torch.set_num_threads(threads)
-    with counter.get_lock():
-        _WORKER_INDEX = counter.value
-        counter.value += 1
-    if gpus > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:  # spread workers over the GPUs
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(_WORKER_INDEX % gpus)
-
-
 class _Tracker:
     """Collects point results and drives the progress display for either backend."""
 
@@ -386,10 +374,35 @@ class _Tracker:
         self.failed: dict[str, str] = {}
         self.lost: dict[str, str] = {}
         self.seconds: dict[str, float] = {}
+        self.worker_deaths = 0
+        self.epochs_seen: dict[str, str] = {}
 
     def running(self) -> int:
         claims = claimed_pids(self.sweep.out, self.pending)
         return sum(1 for c in claims.values() if c[2] >= self.progress.t0 - 1)
+
+    def epoch_progress(self) -> None:
+        """One line per running point when its training finishes an epoch (read from its run.log), so a
+        long point is not silent for minutes."""
+        claims = claimed_pids(self.sweep.out, self.pending)
+        for rid in claims:
+            try:
+                with open(self.sweep.out / rid / "run.log", "rb") as fh:
+                    fh.seek(0, os.SEEK_END)
+                    fh.seek(max(0, fh.tell() - 8192))
+                    tail = fh.read().decode(errors="replace")
+            except OSError:
+                continue
+            epochs = [ln for ln in tail.splitlines() if " splitveil.train INFO epoch " in ln]
+            if not epochs:
+                continue
+            k = epochs[-1].split(" splitveil.train INFO epoch ", 1)[1].split(":", 1)[0]
+            if self.epochs_seen.get(rid) != k:
+                self.epochs_seen[rid] = k
+                cfg = self.by_id[rid].config if rid in self.by_id else None
+                total = f"/{cfg.train.epochs}" if cfg else ""
+                label = self.by_id[rid].label if rid in self.by_id else rid
+                self.progress.event(f"  epoch {k}{total}  {label}")
 
     def record(self, res: dict[str, Any]) -> None:
         rid = res["run_id"]
@@ -426,48 +439,180 @@ class _Tracker:
         self.pending.clear()
 
 
+def _interrupt_handler(signum, frame):  # SIGTERM behaves like Ctrl-C: the run is marked interrupted
+    raise KeyboardInterrupt
+
+
+def _worker_main(index: int, tasks, results, out: str, force: bool, threads: int, gpus: int) -> None:
+    """A local sweep worker: runs the points sent on ``tasks`` one at a time, reports each on ``results``."""
+    global _WORKER_INDEX, _LOCAL_WORKER
+    signal.signal(signal.SIGTERM, _interrupt_handler)
+    _LOCAL_WORKER, _WORKER_INDEX = True, index
+    if gpus > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:  # spread workers over the GPUs
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        while not _STOPPED:
+            item = tasks.get()
+            if item is None:
+                break
+            results.put(("done", index, execute_point(item, out, force)))
+    except KeyboardInterrupt:
+        pass
+
+
+class _LocalPool:
+    """Worker processes fed one point at a time, so the parent always knows which point each one runs: a
+    worker that dies (killed, out of memory) is replaced, and its point resumed once by another."""
+
+    def __init__(self, n: int, out: str, force: bool, threads: int, gpus: int):
+        import multiprocessing as mp
+
+        self.ctx = mp.get_context("spawn")
+        self.results = self.ctx.Queue()
+        self.args = (out, force, threads, gpus)
+        self.workers: dict[int, dict[str, Any]] = {}
+        self.spawned = 0
+        for _ in range(n):
+            self.spawn()
+
+    def spawn(self) -> None:
+        i = self.spawned
+        self.spawned += 1
+        q = self.ctx.Queue()
+        p = self.ctx.Process(target=_worker_main, args=(i, q, self.results, *self.args), daemon=True)
+        p.start()
+        self.workers[i] = {"proc": p, "tasks": q, "rid": None}
+
+    def idle(self) -> list[int]:
+        return [i for i, w in self.workers.items() if w["rid"] is None and w["proc"].is_alive()]
+
+    def send(self, i: int, rid: str, config: dict) -> None:
+        self.workers[i]["rid"] = rid
+        self.workers[i]["tasks"].put(config)
+
+    def dead(self) -> list[tuple[int, str | None, int | None]]:
+        """Workers that died since the last call: (index, the point it ran, exit code); they are removed."""
+        gone = []
+        for i, w in list(self.workers.items()):
+            if not w["proc"].is_alive():
+                gone.append((i, w["rid"], w["proc"].exitcode))
+                del self.workers[i]
+        return gone
+
+    def interrupt(self) -> None:
+        for w in self.workers.values():
+            if w["proc"].is_alive():
+                try:
+                    os.kill(w["proc"].pid, signal.SIGINT)
+                except OSError:
+                    pass
+
+    def close(self, timeout: float = 30.0) -> None:
+        for w in self.workers.values():
+            if w["proc"].is_alive():
+                try:
+                    w["tasks"].put(None)
+                except (OSError, ValueError):
+                    pass
+        deadline = time.time() + timeout
+        for w in self.workers.values():
+            w["proc"].join(max(0.0, deadline - time.time()))
+            if w["proc"].is_alive():
+                w["proc"].terminate()
+                w["proc"].join(5)
+
+
+MAX_POINT_RETRIES = 1   # a point whose worker died is resumed this many times in the same sweep
+
+
 def _run_local(sweep: Sweep, tracker: _Tracker, workers: int, force: bool) -> int:
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
+    import queue as queue_mod
+    from collections import deque
 
     import torch
 
-    threads = max(1, available_cores() // workers)
-    ctx = mp.get_context("spawn")
-    counter = ctx.Value("i", 0)
+    threads = max(1, available_cores() // workers)   # threads of the worker itself; each run sets its own
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(threads, counter, gpus))
-    futures = {pool.submit(execute_point, p.config.to_dict(), str(sweep.out), force, threads): p.run_id
-               for p in tracker.todo}
+    configs = {p.run_id: p.config.to_dict() for p in tracker.todo}
+    todo = deque(p.run_id for p in tracker.todo)
+    retries: dict[str, int] = {}
+    pool = _LocalPool(workers, str(sweep.out), force, threads, gpus)
+
+    def drain(timeout: float) -> None:
+        try:
+            kind, i, res = pool.results.get(timeout=timeout)
+        except queue_mod.Empty:
+            return
+        if i in pool.workers:
+            pool.workers[i]["rid"] = None
+        tracker.record(res)
+        while True:   # anything else already waiting
+            try:
+                kind, i, res = pool.results.get_nowait()
+            except queue_mod.Empty:
+                return
+            if i in pool.workers:
+                pool.workers[i]["rid"] = None
+            tracker.record(res)
+
     try:
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
-            broken = False
-            for f in done:
-                try:
-                    tracker.record(f.result())
-                except BrokenProcessPool:
-                    broken = True
-                except Exception as e:  # e.g. a config that no longer resolves in the worker
-                    tracker.record({"run_id": futures[f], "status": "failed", "seconds": 0.0, "resumed": False,
-                                    "error": f"{type(e).__name__}: {e}"})
-            if broken:
-                for f in pending:
-                    f.cancel()
-                pool.shutdown(wait=True, cancel_futures=True)
-                tracker.lose_pending("a worker process died (killed or out of memory); re-run the sweep to resume")
-                tracker.progress.event("  a worker process died: the sweep stopped; re-run it to continue")
-                return workers
+        while todo or any(w["rid"] for w in pool.workers.values()):
+            for i in pool.idle():
+                if not todo:
+                    break
+                rid = todo.popleft()
+                pool.send(i, rid, configs[rid])
+            drain(1.0)
+            for i, rid, code in pool.dead():
+                drain(0.2)   # a result it sent just before dying
+                tracker.worker_deaths += 1
+                if rid is not None and rid in tracker.pending:
+                    reason = f"a worker process died (exit code {code}: killed or out of memory)"
+                    _mark_lost(sweep.out, [rid], reason)
+                    retries[rid] = retries.get(rid, 0) + 1
+                    if retries[rid] <= MAX_POINT_RETRIES:
+                        todo.appendleft(rid)
+                        tracker.progress.event(f"  {reason}; replaced, resuming {tracker.by_id[rid].label}")
+                    else:
+                        tracker.pending.discard(rid)
+                        tracker.lost[rid] = reason + "; twice, given up (re-run the sweep to resume it)"
+                        tracker.progress.event(f"  LOST     {tracker.by_id[rid].label}: {tracker.lost[rid]}")
+                if todo and len(pool.workers) < workers:
+                    pool.spawn()
+            tracker.epoch_progress()
             tracker.progress.update(running=tracker.running())
     except KeyboardInterrupt:
-        pool.shutdown(wait=False, cancel_futures=True)
+        # Ctrl-C or SIGTERM to the parent alone: interrupt the running points (they are marked interrupted
+        # and resume on the next sweep) and start none of the queued ones
+        tracker.progress.event("  interrupting: the running points stop at once and resume on the next sweep")
+        pool.interrupt()
+        try:
+            end = time.time() + 30
+            while any(w["rid"] for w in pool.workers.values()) and time.time() < end:
+                drain(0.5)
+                for i, rid, code in pool.dead():
+                    pass
+        except KeyboardInterrupt:
+            pass
+        pool.close(timeout=5)
         tracker.lose_pending("sweep interrupted")
         raise
-    pool.shutdown(wait=True)
+    pool.close()
     return workers
+
+
+RAY_MIN_VERSION = (2, 52)
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
 
 
 def _run_ray(sweep: Sweep, tracker: _Tracker, force: bool, address: str | None, num_cpus: int | None,
@@ -482,7 +627,14 @@ def _run_ray(sweep: Sweep, tracker: _Tracker, force: bool, address: str | None, 
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus or available_cores(), num_gpus=num_gpus, **kwargs)
+            # a local cluster runs arbitrary code for whoever can reach it: listen on the loopback only and
+            # with Ray's token authentication (Ray >= 2.52; on by default for local clusters from 2.59)
+            if _version_tuple(ray.__version__) < RAY_MIN_VERSION:
+                raise ConfigError(f"the ray backend needs Ray >= {'.'.join(map(str, RAY_MIN_VERSION))} (token "
+                                  f"authentication); found {ray.__version__}: pip install -U 'ray>=2.52'")
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+            ray.init(num_cpus=num_cpus or available_cores(), num_gpus=num_gpus, _node_ip_address="127.0.0.1",
+                     **kwargs)
         started = True
     try:
         cluster = ray.cluster_resources()
@@ -507,6 +659,7 @@ def _run_ray(sweep: Sweep, tracker: _Tracker, force: bool, address: str | None, 
                         _mark_lost(sweep.out, [rid], reason)
                         tracker.lost[rid] = reason
                         tracker.progress.event(f"  LOST     {tracker.by_id[rid].label}: {reason}; re-run the sweep to resume")
+                tracker.epoch_progress()
                 tracker.progress.update(running=tracker.running())
         except KeyboardInterrupt:
             for ref in pending:
@@ -526,6 +679,11 @@ def run_sweep(sweep: Sweep, backend: str = "local", workers: int | None = None, 
     """Run every point of ``sweep`` that has not finished; returns what was done (see ``SweepResult``)."""
     if backend not in BACKENDS:
         raise ConfigError(f"--backend: '{backend}' is not one of {', '.join(BACKENDS)}")
+    bad = check_points(sweep)
+    if bad:
+        p = next(p for p in sweep.points if p.run_id in bad)
+        raise ConfigError(f"point {p.index} ({p.label}): {bad[p.run_id]}"
+                          + (f" (and {len(bad) - 1} more point(s))" if len(bad) > 1 else ""))
     sweep.out.mkdir(parents=True, exist_ok=True)
     ResultsStore(sweep.out / "results.sqlite")  # create the store (WAL) before workers race to
     status = sweep.status()
@@ -549,12 +707,36 @@ def run_sweep(sweep: Sweep, backend: str = "local", workers: int | None = None, 
         prog.update(running=0, force=True)
         prog.close()
     return SweepResult(sweep.name, len(sweep.points), tracker.skipped, tracker.ran, tracker.finished,
-                       tracker.failed, tracker.lost, tracker.seconds, time.time() - t0, slots)
+                       tracker.failed, tracker.lost, tracker.seconds, time.time() - t0, slots, tracker.worker_deaths)
+
+
+def check_points(sweep: Sweep) -> dict[str, str]:
+    """Run id -> problem of every point whose data root or ``model.cut`` is bad (what would only fail once
+    running, leaving a 'failed' row); checked once per distinct data/model setting."""
+    from dataclasses import asdict
+
+    from .run import preflight
+
+    seen: dict[str, str | None] = {}
+    bad = {}
+    for p in sweep.points:
+        key = json.dumps([asdict(p.config.data), asdict(p.config.model)], sort_keys=True, default=str)
+        if key not in seen:
+            try:
+                preflight(p.config)
+                seen[key] = None
+            except ConfigError as e:
+                seen[key] = str(e)
+        if seen[key]:
+            bad[p.run_id] = seen[key]
+    return bad
 
 
 def describe(sweep: Sweep, status: dict[str, str] | None = None) -> str:
     """A markdown table of the points of a sweep with their current status."""
     status = status or sweep.status()
+    bad = check_points(sweep)
+    status = {rid: (f"invalid: {bad[rid]}" if rid in bad else st) for rid, st in status.items()}
     lines = [f"sweep {sweep.name}: {len(sweep.points)} points -> {sweep.out}", "",
              "| # | overrides | status | run id |", "|---|---|---|---|"]
     for p in sweep.points:

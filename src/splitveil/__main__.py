@@ -1,0 +1,6 @@
+"""``python -m splitveil ...`` is ``splitveil ...``."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
