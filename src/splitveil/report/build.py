@@ -58,6 +58,7 @@ class Report:
     records: list[dict[str, Any]]       # every run of the store (flat), any status
     references: list[str] = field(default_factory=list)
     n_boot: int = 0
+    csv_metrics: list[str] = field(default_factory=list)   # every metric of summary.csv (all attacks, cost)
 
 
 def _metric_digits(metric: str) -> int:
@@ -192,7 +193,11 @@ def build(results: str | Path, attack: str | None = None, figures: bool = True, 
                 sec.figures.append(Figure(f"recon_{_slug(ds)}.png", f"{ds}: reconstructions per defense", png))
         sections.append(sec)
     folder = Path(results) if Path(results).is_dir() else Path(results).parent
-    return Report(f"splitveil report: {folder.name or folder}", runs, sections, attack, records, refs, n_boot)
+    full = ["accuracy", "worst.mse", "worst.psnr", "worst.ssim"] + \
+        [f"{a}.{m}" for a in names for m in ("mse", "psnr", "ssim")] + ["mean_image.mse"] + \
+        ["encoder_params", "encoder_flops", "latency_ms", "payload_bytes", "train_s"]
+    full = [m for m in full if any(g.stat(m)[0] is not None for g in groups)]
+    return Report(f"splitveil report: {folder.name or folder}", runs, sections, attack, records, refs, n_boot, full)
 
 
 def _most_common_worst(gs: list[Group]) -> str | None:
@@ -347,7 +352,7 @@ def render_summary_csv(rep: Report) -> str:
     metrics: list[str] = []
     for sec in rep.sections:
         params += [p for p in sec.params if p not in params]
-        metrics += [m for m in sec.metrics + sec.controls if m not in metrics]
+        metrics += [m for m in rep.csv_metrics + sec.metrics + sec.controls if m not in metrics]
     cols = ["dataset", "model", "cut", "defense"] + params + ["n", "seeds"] + \
         [f"{m}_{s}" for m in metrics for s in ("mean", "std")] + ["worst_attacks", "flags", "run_ids"]
     buf = io.StringIO()

@@ -56,6 +56,15 @@ def styles(groups: list[Group]) -> tuple[dict[str, Any], dict[int, str]]:
     return color, marker
 
 
+def _plain_log_ticks(axis) -> None:
+    """Log axis with plain numbers on the major ticks and no labels on the minor ones (no overlapping 10^x)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _legend_below(fig, ax, n: int) -> None:
     ncol = 2 if n > 4 else 1
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, frameon=False, handletextpad=0.3,
@@ -105,6 +114,7 @@ def tradeoff_figure(groups: list[Group], attack: str, title: str = "", analyses:
         fy = [pts[used.index(i)][1] for i in front]
         ax.scatter(fx, fy, s=90, facecolors="none", edgecolors="black", lw=0.8, label="Pareto front", zorder=5)
         ax.set_xscale("log")
+        _plain_log_ticks(ax.xaxis)
         ax.set_xlabel(f"{metric_label(attack)} (higher = more private)")
         ax.set_ylabel("test accuracy")
         ax.set_title(title or "accuracy vs reconstruction MSE")
