@@ -290,5 +290,7 @@ class CEMGMM(CEMDefense):
         return self.centroids if bool(self.fitted.all()) else None
 
     def info(self) -> dict[str, Any]:
+        if not hasattr(self, "refits"):   # not set up yet
+            return super().info()
         return {**super().info(), "refits": int(self.refits), "classes_fitted": int(self.fitted.sum()),
                 "kmeans_iterations": self.refit_iterations}
