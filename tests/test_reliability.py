@@ -465,3 +465,13 @@ def test_readme_python_api_snippet_runs(capsys):
     exec(compile(code, "README.md", "exec"), scope)
     assert set(scope["result"]) >= {"mse", "psnr", "ssim"} and 0.0 <= scope["result"]["mse"] <= 1.0
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_a_broken_image_in_a_dataset_names_the_file(tmp_path):
+    from splitveil.data import DataConfig, build_data
+    from splitveil.params import CorruptFileError
+
+    root = _tree(tmp_path / "tree", ["a", "b"], n=3)
+    (root / "b" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(CorruptFileError, match=r"b/1.png: not a readable image"):
+        build_data(DataConfig(name="imagefolder", root=str(root), image_size=8, aux_size=1, cache=False))
