@@ -450,3 +450,28 @@ def test_sweep_shows_the_epoch_of_each_running_point(tmp_path):
     tr.epoch_progress()
     tr.epoch_progress()   # printed once per new epoch
     assert stream.getvalue().count("epoch 3/7  (base)") == 1
+
+
+def test_readme_python_api_snippet_runs(capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## Python API\s+```python\n(.*?)```", readme, re.S).group(1)
+    assert "create_attack(" in code and "create_defense(" in code
+    code = code.replace("epochs=3", "epochs=1")          # the same calls, a shorter budget
+    code = code.replace('"inverse_network", epochs=2', '"inverse_network", epochs=1, channels=32, max_steps=5')
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert set(scope["result"]) >= {"mse", "psnr", "ssim"} and 0.0 <= scope["result"]["mse"] <= 1.0
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_a_broken_image_in_a_dataset_names_the_file(tmp_path):
+    from splitveil.data import DataConfig, build_data
+    from splitveil.params import CorruptFileError
+
+    root = _tree(tmp_path / "tree", ["a", "b"], n=3)
+    (root / "b" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(CorruptFileError, match=r"b/1.png: not a readable image"):
+        build_data(DataConfig(name="imagefolder", root=str(root), image_size=8, aux_size=1, cache=False))

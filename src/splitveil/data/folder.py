@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..params import CorruptFileError
 from .base import DATASETS, DatasetInfo, RawData, resize_u8
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -38,15 +39,24 @@ def _read_tree(root: Path, classes: list[str], image_size: int, channels: int | 
         raise FileNotFoundError(f"no images found under {root} (expected {root}/<class>/<image>)")
     mode = {1: "L", 3: "RGB"}.get(channels or 0)
     if mode is None:  # keep the dataset's own colour mode, decided by the first image
-        mode = "L" if Image.open(files[0][0]).mode in ("L", "I", "I;16", "1") else "RGB"
+        try:
+            with Image.open(files[0][0]) as im0:
+                mode = "L" if im0.mode in ("L", "I", "I;16", "1") else "RGB"
+        except (OSError, ValueError, SyntaxError) as e:
+            raise CorruptFileError(f"{files[0][0]}: not a readable image ({type(e).__name__}: {e}); replace or "
+                                   f"remove it") from None
     out = torch.empty((len(files), 1 if mode == "L" else 3, image_size, image_size), dtype=torch.uint8)
     labels = torch.tensor([lab for _, lab in files], dtype=torch.int64)
     for i, (f, _) in enumerate(progress(files, desc=desc, unit="img", mininterval=1.0, leave=False)):
-        with Image.open(f) as im:
-            im = im.convert(mode)
-            if im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+        try:
+            with Image.open(f) as im:
+                im = im.convert(mode)
+                if im.size != (image_size, image_size):
+                    im = im.resize((image_size, image_size), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError) as e:   # PIL's errors for truncated or non-image files
+            raise CorruptFileError(f"{f}: not a readable image ({type(e).__name__}: {e}); replace or remove "
+                                   f"it") from None
         out[i] = torch.from_numpy(arr.reshape(image_size, image_size, -1).copy()).permute(2, 0, 1)
     return out, labels
 

@@ -1,4 +1,4 @@
-"""One run (DESIGN.md section 1): data -> split model -> train under the defense -> accuracy -> attacks
+"""One run: data -> split model -> train under the defense -> accuracy -> attacks
 -> cost -> record. Finished stages are kept, so an interrupted run resumes where it stopped."""
 from __future__ import annotations
 
