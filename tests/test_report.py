@@ -117,6 +117,7 @@ def test_equal_utility_report_tables_figures_and_controls(tmp_path):
     rows = {(r["label"]): r for r in csv.DictReader((out / "gains.csv").open())}
     noise = [r for k, r in rows.items() if r["defense"] == "gaussian_noise"]
     assert len(noise) == 5 and all(abs(float(r["gain"])) < 1e-9 for r in noise)       # its own points: 0
+    assert all(abs(float(r["ci_low"])) < 1e-9 and abs(float(r["ci_high"])) < 1e-9 for r in noise if r["ci_low"])
     cem = [r for r in rows.values() if r["defense"] == "gaussian_noise+cem_gmm" and r["where"] == "inside"]
     assert len(cem) == 3
     for r in cem:
