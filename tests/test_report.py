@@ -117,6 +117,7 @@ def test_equal_utility_report_tables_figures_and_controls(tmp_path):
     rows = {(r["label"]): r for r in csv.DictReader((out / "gains.csv").open())}
     noise = [r for k, r in rows.items() if r["defense"] == "gaussian_noise"]
     assert len(noise) == 5 and all(abs(float(r["gain"])) < 1e-9 for r in noise)       # its own points: 0
+    assert all(abs(float(r["ci_low"])) < 1e-9 and abs(float(r["ci_high"])) < 1e-9 for r in noise if r["ci_low"])
     cem = [r for r in rows.values() if r["defense"] == "gaussian_noise+cem_gmm" and r["where"] == "inside"]
     assert len(cem) == 3
     for r in cem:
@@ -165,6 +166,8 @@ def test_tradeoff_figure_has_frontier_band_markers_and_reference_lines(tmp_path)
                    if c.get_label().startswith("gaussian_noise+cem_gmm")}
     assert len(cem_markers) == 4
     assert ax.get_xscale() == "log" and ax.xaxis.label.get_fontsize() >= 8
+    # each CEM point inside the noise range carries its gain (+0.30), the out-of-range one none
+    assert sorted(t.get_text() for t in ax.texts) == ["+0.30", "+0.30", "+0.30"]
     frontier = next(l for l in ax.get_lines() if l.get_label().endswith("frontier (monotone fit)"))
     assert np.allclose(np.log(frontier.get_xdata()), [ref_log_mse(a) for a in frontier.get_ydata()])
     from splitveil.report.figures import pyplot

@@ -41,6 +41,8 @@ class Group:
     defense: str
     params: dict[str, Any]              # the varied fields (besides defense and seed) that define this group
     runs: list[RunRecord] = field(default_factory=list)
+    label_fields: list[str] | None = None   # fields named in ``label`` (default: all params); the report sets
+                                            # the ones that vary within a dataset section
 
     @property
     def n(self) -> int:
@@ -52,7 +54,8 @@ class Group:
 
     @property
     def label(self) -> str:
-        extra = " ".join(f"{k.split('.')[-1]}={_fmt_param(v)}" for k, v in self.params.items() if v is not None)
+        keys = self.params if self.label_fields is None else [k for k in self.params if k in self.label_fields]
+        extra = " ".join(f"{k.split('.')[-1]}={_fmt_param(self.params[k])}" for k in keys if self.params[k] is not None)
         return f"{self.defense} {extra}".strip()
 
     @property

@@ -93,7 +93,7 @@ def fixed_settings(runs: list[RunRecord]) -> dict[str, Any]:
     out = {}
     for k in keys:
         vals = {repr(r.config.get(k)) for r in runs}
-        if len(vals) == 1 and runs[0].config.get(k) is not None:
+        if len(vals) == 1 and runs[0].config.get(k) not in (None, {}, [], ""):
             out[k] = runs[0].config[k]
     return out
 
@@ -165,6 +165,8 @@ def build(results: str | Path, attack: str | None = None, figures: bool = True, 
         gs = [g for g in groups if g.dataset == ds]
         # a column for every swept field that varies within this dataset
         shown = [k for k in fields if len({repr(g.params.get(k)) for g in gs}) > 1]
+        for g in gs:
+            g.label_fields = shown
         sec = DatasetSection(ds, gs, [m for m in metrics if any(g.stat(m)[0] is not None for g in gs)], shown)
         sec.fixed = fixed_settings([r for g in gs for r in g.runs])
         sec.controls = [c for c in CONTROLS if any(g.stat(c)[0] is not None for g in gs)]

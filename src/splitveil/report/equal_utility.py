@@ -17,7 +17,9 @@ For one group of runs (same dataset, model, cut and other fixed settings):
    from its normal approximation (``mse_std / sqrt(n_images)``) and the accuracy from a binomial over the
    test images; without those, only seeds are resampled. ``ci_method`` names what was done. The frontier is
    refitted in every replicate; replicates whose point falls outside the refitted range are dropped and the
-   kept fraction is reported (``ci_kept``); no interval when fewer than half are kept.
+   kept fraction is reported (``ci_kept``); no interval when fewer than half are kept. A reference setting
+   scored against its own frontier reuses the replicate's resample of itself (its interval shows how far
+   the monotone fit moves it, not two independent draws of the same runs).
 """
 from __future__ import annotations
 
@@ -231,12 +233,15 @@ def equal_utility_gains(reference: list[Level], points: list[Level], n_boot: int
     rng = np.random.default_rng(seed)
     boot_fronts: list[Frontier] = []
     boot_pts: list[list[tuple[float, float]]] = [[] for _ in points]
+    ref_index = {id(lv): j for j, lv in enumerate(reference)}
     if n_boot > 0 and front.usable:
         for _ in range(n_boot):
             rm = [_resample(lv, rng, images) for lv in reference]
             boot_fronts.append(Frontier.fit([m[0] for m in rm], [m[1] for m in rm], [len(lv.runs) for lv in reference]))
             for k, p in enumerate(points):
-                boot_pts[k].append(_resample(p, rng, images))
+                # a reference level scored against its own frontier uses the same resample it was fitted with
+                j = ref_index.get(id(p))
+                boot_pts[k].append(rm[j] if j is not None else _resample(p, rng, images))
     alpha = (1 - level) / 2
     gains = []
     for k, p in enumerate(points):
@@ -287,8 +292,17 @@ def context_key(group) -> str:
     return json.dumps([group.dataset, group.model, group.cut, fixed], sort_keys=True, default=str)
 
 
-def level_of(group, metric: str = WORST) -> Level:
-    return Level(group.label, [RunSample.from_metrics(r.metrics, metric) for r in group.runs], key=id(group))
+def level_of(group, metric: str = WORST) -> Level | None:
+    """The group's runs that recorded ``metric`` (the worst case: any attack); None when none did."""
+    runs = []
+    for r in group.runs:
+        try:
+            s = RunSample.from_metrics(r.metrics, metric)
+        except (ValueError, KeyError, TypeError):
+            continue
+        if s.attacks:
+            runs.append(s)
+    return Level(group.label, runs, key=id(group)) if runs else None
 
 
 def analyse_groups(groups: list, reference: str, metric: str = WORST, n_boot: int = 2000,
@@ -303,8 +317,11 @@ def analyse_groups(groups: list, reference: str, metric: str = WORST, n_boot: in
         ref_label = match_reference([g.defense for g in gs], reference)
         if ref_label is None:
             continue
-        ref = [level_of(g, metric) for g in gs if g.defense == ref_label]
-        pts = [level_of(g, metric) for g in gs]
+        levels = [(g, level_of(g, metric)) for g in gs]
+        pts = [lv for _, lv in levels if lv is not None]
+        ref = [lv for g, lv in levels if lv is not None and g.defense == ref_label]
+        if not ref:
+            continue
         res = equal_utility_gains(ref, pts, n_boot=n_boot, seed=seed)
         res.reference = ref_label
         out[key] = res

@@ -77,7 +77,8 @@ def tradeoff_figure(groups: list[Group], attack: str, title: str = "", analyses:
     error bars (sample std over seeds), colour per defense and a marker per parameter value; each reference
     frontier (``analyses``: equal_utility.GainAnalysis) as a line with its bootstrap band; the mean-image
     baseline (vertical) and the undefended accuracy (horizontal) as reference lines; the Pareto front
-    ringed. Returns (figure or None, indices of the front groups)."""
+    ringed; beside every point scored against the first reference, its gain log(MSE / MSE_ref(accuracy)).
+    Returns (figure or None, indices of the front groups)."""
     pts, used = [], []
     for i, g in enumerate(groups):
         acc, mse = g.stat("accuracy"), g.stat(f"{attack}.mse")
@@ -106,6 +107,15 @@ def tradeoff_figure(groups: list[Group], attack: str, title: str = "", analyses:
                 ok = np.isfinite(an.band_lo) & np.isfinite(an.band_hi)
                 ax.fill_betweenx(an.band_acc[ok], np.exp(an.band_lo[ok]), np.exp(an.band_hi[ok]), color="0.6",
                                  alpha=0.3, lw=0, zorder=1, label="95% bootstrap band")
+        # the equal-utility gain over the first reference, written beside each point it applies to
+        first = next((an for an in analyses or [] if an.frontier.usable), None)
+        if first is not None:
+            for k, i in enumerate(used):
+                g = groups[i]
+                gain = first.for_key(id(g))
+                if gain is not None and gain.gain is not None and g.defense != first.reference:
+                    ax.annotate(f"{gain.gain:+.2f}", (pts[k][0], pts[k][1]), textcoords="offset points", xytext=(4, -9),
+                                fontsize=6.5, color=color[g.defense])
         if baseline_mse is not None:
             ax.axvline(baseline_mse, color="tab:red", ls=":", lw=1, label="mean-image baseline MSE", zorder=1)
         if undefended_acc is not None:
