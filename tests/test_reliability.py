@@ -56,7 +56,9 @@ def test_chance_accuracy_is_flagged_in_metrics(tmp_path):
     # Adam at lr=1e6 keeps finite weights but learns nothing: stored with the flag
     m = run_experiment(digits_config(**{"train.lr": 1e6}), tmp_path)
     assert m["accuracy"] < 0.3 and "chance_accuracy" in m["flags"]
-    assert json.loads((tmp_path / m["run_id"] / "metrics.json").read_text())["flags"] == ["chance_accuracy"]
+    flags = json.loads((tmp_path / m["run_id"] / "metrics.json").read_text())["flags"]
+    # a model that learned nothing is flagged first; its attack may also fail to beat the mean image
+    assert flags[0] == "chance_accuracy" and set(flags) <= {"chance_accuracy", "weak_attack"}
 
 
 def _tree(root, classes, n=4, size=(12, 12), mode="RGB", seed=0):

@@ -49,7 +49,9 @@ def add_run(store: ResultsStore, folder: Path, run_id: str, defense: dict, seed:
                            "ssim": {"attack": "inverse_network", "value": 0.5}}
         m["flags"] = list(flags or [])
     if diag is not None:
-        m["cem_diagnostics"] = diag
+        # the schema the CEM defenses write (defenses/cem_common.py feature_diagnostics)
+        from splitveil.report.results import DIAGNOSTIC_SOURCE
+        m["defense_diagnostics"] = {names[-1]: {DIAGNOSTIC_SOURCE[k]: v for k, v in diag.items()}}
     store.start(run_id, cfg, folder / run_id, m["defense"])
     store.finish(run_id, m)
 

@@ -21,7 +21,7 @@ from .tables import DEFAULT_COLUMNS, collect, columns, default_view, md_escape, 
 
 FORMATS = ("md", "csv", "latex", "html")
 DIGITS = {"accuracy": 4, "mse": 4, "psnr": 2, "ssim": 4, "snr": 3, "within_var_over_tau": 3, "between_within_ratio": 3}
-# the CEM controls shown beside the gain (metrics["cem_diagnostics"]): key -> column title
+# the CEM controls shown beside the gain (metrics["defense_diagnostics"]): key -> column title
 CONTROLS = {"cem.snr": "std(z)/sigma", "cem.between_within_ratio": "between/within", "cem.within_var_over_tau": "within var/tau"}
 # config fields never listed among a table's fixed settings
 HIDDEN_FIXED = IGNORED_FIELDS | {"eval.recon_images", "eval.latency_batch", "eval.latency_repeats", "eval.batch_size",

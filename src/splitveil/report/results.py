@@ -6,8 +6,9 @@ Every accessor accepts metrics written before a key existed (old run folders sti
   highest PSNR / SSIM over the attacks); computed from ``metrics["attacks"]`` when absent.
 - ``metrics["flags"]``: strings such as ``weak_attack`` and ``chance_accuracy``; when absent, ``weak_attack`` is
   derived (the worst-case attack does not beat the mean aux image, ``metrics["baseline"]["mean_image"]``).
-- ``metrics["cem_diagnostics"]``: ``feature_std``, ``snr`` (std(z) / sigma), ``within_var_over_tau``,
-  ``between_within_ratio``; blank when absent.
+- ``metrics["defense_diagnostics"][<cem defense>]`` (written by the CEM defenses): ``std_z``, ``snr`` (std(z) /
+  sigma), ``within_cluster_var_over_tau``, ``between_within_ratio``, shown as the controls ``feature_std``, ``snr``,
+  ``within_var_over_tau``, ``between_within_ratio``; blank when absent.
 """
 from __future__ import annotations
 
@@ -67,10 +68,19 @@ def flag_text(flags: list[str]) -> str:
     return ", ".join(FLAG_TEXT.get(f, f.replace("_", " ")) for f in flags)
 
 
+# the report's control names -> the keys the CEM defenses write under metrics["defense_diagnostics"][<defense>]
+DIAGNOSTIC_SOURCE = {"feature_std": "std_z", "snr": "snr", "within_var_over_tau": "within_cluster_var_over_tau",
+                     "between_within_ratio": "between_within_ratio"}
+
+
 def cem_diagnostics(metrics: dict[str, Any]) -> dict[str, float | None]:
-    """The CEM controls (``feature_std``, ``snr`` = std(z)/sigma, ``within_var_over_tau``, ``between_within_ratio``);
-    None for each key a run did not record."""
-    d = metrics.get("cem_diagnostics") or {}
+    """The CEM controls (``feature_std``, ``snr`` = std(z)/sigma, ``within_var_over_tau``, ``between_within_ratio``)
+    from the first CEM defense in ``metrics["defense_diagnostics"]``; None for each key a run did not record."""
+    d: dict[str, Any] = {}
+    for name, diag in (metrics.get("defense_diagnostics") or {}).items():
+        if name.startswith("cem") and isinstance(diag, dict):
+            d = {k: diag.get(src) for k, src in DIAGNOSTIC_SOURCE.items()}
+            break
     return {k: (float(d[k]) if _finite(d.get(k)) else None) for k in DIAGNOSTIC_KEYS}
 
 
