@@ -93,6 +93,22 @@ def test_worst_case_recorded_or_computed_for_old_runs():
     assert run_flags(new) == ["chance_accuracy"]
     with pytest.raises(ValueError, match="lpips"):
         worst_case(old, "lpips")
+    # the attack suite's own record (worst_case.weak_attacks / weak_attack) and the run's flags are merged
+    suite = {**old, "worst_case": {"mse": {"attack": "rmle", "value": 0.01}, "weak_attacks": ["gan"]},
+             "weak_attack": True, "flags": ["chance_accuracy"]}
+    assert run_flags(suite) == ["chance_accuracy", "weak_attack"]
+    assert run_flags({**old, "flags": []}) == []
+
+
+def test_cem_diagnostics_from_either_key():
+    from splitveil.report.results import cem_diagnostics
+
+    a = {"cem_diagnostics": {"feature_std": 0.3, "snr": 12.0, "within_var_over_tau": 0.5, "between_within_ratio": 2.0}}
+    b = {"defense_diagnostics": {"cem_slot_cross": {"std_z": 0.3, "snr": 12.0, "within_cluster_var_over_tau": 0.5,
+                                                    "between_within_ratio": 2.0, "within_class_var": 9.0}}}
+    assert cem_diagnostics(a) == cem_diagnostics(b) == {"feature_std": 0.3, "snr": 12.0, "within_var_over_tau": 0.5,
+                                                        "between_within_ratio": 2.0}
+    assert cem_diagnostics({}) == dict.fromkeys(["feature_std", "snr", "within_var_over_tau", "between_within_ratio"])
 
 
 def test_report_on_old_style_runs_uses_the_computed_worst_case(tmp_path):
