@@ -228,3 +228,24 @@ def test_load_results_dataframe(tmp_path):
     df = load_results = __import__("splitveil.report", fromlist=["load_results"]).load_results(tmp_path)
     assert isinstance(df, pd.DataFrame) and len(df) == 5 + 3 + 1 + 1
     assert {"defense", "seed", "accuracy", "worst.mse", "worst.mse.attack", "inverse_network.mse"} <= set(df.columns)
+
+
+def test_proposal_study_export_is_merged_and_idempotent(tmp_path):
+    """benchmarks/proposal_study.py: export + report; a re-run without the runs folder keeps every exported run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("proposal_study", Path(__file__).parents[1] / "benchmarks" / "proposal_study.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    (tmp_path / "runs").mkdir()
+    runs, dest = synthetic_study(tmp_path / "runs", seeds=(0, 1)), tmp_path / "dest"
+    assert mod.main([str(runs), "--dest", str(dest), "--bootstrap", "50"]) == 0
+    rows = list(csv.DictReader((dest / "results.csv").open()))
+    assert len(rows) == 2 * 5 + 2 * 3 + 2 + 1
+    assert {"defense", "seed", "accuracy", "inverse_network.mse", "gan.mse", "worst.mse", "worst.mse.attack", "cem.snr"} <= set(rows[0])
+    gains = list(csv.DictReader((dest / "gains.csv").open()))
+    assert {g["reference"] for g in gains} == {"gaussian_noise", "gaussian_noise+cem_gmm"}   # noise and each CEM variant
+    first = (dest / "gains.csv").read_text()
+    assert mod.main([str(tmp_path / "gone"), "--dest", str(dest), "--bootstrap", "50"]) == 0
+    assert len(json.loads((dest / "results.json").read_text())["runs"]) == len(rows)
+    assert (dest / "gains.csv").read_text() == first
