@@ -50,8 +50,8 @@ def add_run(store: ResultsStore, folder: Path, run_id: str, defense: dict, seed:
         m["flags"] = list(flags or [])
     if diag is not None:
         # the schema the CEM defenses write (defenses/cem_common.py feature_diagnostics)
-        from splitveil.report.results import DIAGNOSTIC_SOURCE
-        m["defense_diagnostics"] = {names[-1]: {DIAGNOSTIC_SOURCE[k]: v for k, v in diag.items()}}
+        writer = {"feature_std": "std_z", "within_var_over_tau": "within_cluster_var_over_tau"}
+        m["defense_diagnostics"] = {names[-1]: {writer.get(k, k): v for k, v in diag.items()}}
     store.start(run_id, cfg, folder / run_id, m["defense"])
     store.finish(run_id, m)
 
@@ -95,6 +95,22 @@ def test_worst_case_recorded_or_computed_for_old_runs():
     assert run_flags(new) == ["chance_accuracy"]
     with pytest.raises(ValueError, match="lpips"):
         worst_case(old, "lpips")
+    # the attack suite's own record (worst_case.weak_attacks / weak_attack) and the run's flags are merged
+    suite = {**old, "worst_case": {"mse": {"attack": "rmle", "value": 0.01}, "weak_attacks": ["gan"]},
+             "weak_attack": True, "flags": ["chance_accuracy"]}
+    assert run_flags(suite) == ["chance_accuracy", "weak_attack"]
+    assert run_flags({**old, "flags": []}) == []
+
+
+def test_cem_diagnostics_from_either_key():
+    from splitveil.report.results import cem_diagnostics
+
+    a = {"cem_diagnostics": {"feature_std": 0.3, "snr": 12.0, "within_var_over_tau": 0.5, "between_within_ratio": 2.0}}
+    b = {"defense_diagnostics": {"cem_slot_cross": {"std_z": 0.3, "snr": 12.0, "within_cluster_var_over_tau": 0.5,
+                                                    "between_within_ratio": 2.0, "within_class_var": 9.0}}}
+    assert cem_diagnostics(a) == cem_diagnostics(b) == {"feature_std": 0.3, "snr": 12.0, "within_var_over_tau": 0.5,
+                                                        "between_within_ratio": 2.0}
+    assert cem_diagnostics({}) == dict.fromkeys(["feature_std", "snr", "within_var_over_tau", "between_within_ratio"])
 
 
 def test_report_on_old_style_runs_uses_the_computed_worst_case(tmp_path):
@@ -214,3 +230,24 @@ def test_load_results_dataframe(tmp_path):
     df = load_results = __import__("splitveil.report", fromlist=["load_results"]).load_results(tmp_path)
     assert isinstance(df, pd.DataFrame) and len(df) == 5 + 3 + 1 + 1
     assert {"defense", "seed", "accuracy", "worst.mse", "worst.mse.attack", "inverse_network.mse"} <= set(df.columns)
+
+
+def test_proposal_study_export_is_merged_and_idempotent(tmp_path):
+    """benchmarks/proposal_study.py: export + report; a re-run without the runs folder keeps every exported run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("proposal_study", Path(__file__).parents[1] / "benchmarks" / "proposal_study.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    (tmp_path / "runs").mkdir()
+    runs, dest = synthetic_study(tmp_path / "runs", seeds=(0, 1)), tmp_path / "dest"
+    assert mod.main([str(runs), "--dest", str(dest), "--bootstrap", "50"]) == 0
+    rows = list(csv.DictReader((dest / "results.csv").open()))
+    assert len(rows) == 2 * 5 + 2 * 3 + 2 + 1
+    assert {"defense", "seed", "accuracy", "inverse_network.mse", "gan.mse", "worst.mse", "worst.mse.attack", "cem.snr"} <= set(rows[0])
+    gains = list(csv.DictReader((dest / "gains.csv").open()))
+    assert {g["reference"] for g in gains} == {"gaussian_noise", "gaussian_noise+cem_gmm"}   # noise and each CEM variant
+    first = (dest / "gains.csv").read_text()
+    assert mod.main([str(tmp_path / "gone"), "--dest", str(dest), "--bootstrap", "50"]) == 0
+    assert len(json.loads((dest / "results.json").read_text())["runs"]) == len(rows)
+    assert (dest / "gains.csv").read_text() == first

@@ -4,11 +4,13 @@ CEM control diagnostics and a short defense description; ``load_results(out)`` a
 Every accessor accepts metrics written before a key existed (old run folders still report):
 - ``metrics["worst_case"]`` = ``{"mse": {"attack": name, "value": v}, "psnr": {...}, "ssim": {...}}`` (lowest MSE,
   highest PSNR / SSIM over the attacks); computed from ``metrics["attacks"]`` when absent.
-- ``metrics["flags"]``: strings such as ``weak_attack`` and ``chance_accuracy``; when absent, ``weak_attack`` is
-  derived (the worst-case attack does not beat the mean aux image, ``metrics["baseline"]["mean_image"]``).
-- ``metrics["defense_diagnostics"][<cem defense>]`` (written by the CEM defenses): ``std_z``, ``snr`` (std(z) /
-  sigma), ``within_cluster_var_over_tau``, ``between_within_ratio``, shown as the controls ``feature_std``, ``snr``,
-  ``within_var_over_tau``, ``between_within_ratio``; blank when absent.
+- ``metrics["flags"]``: strings such as ``chance_accuracy`` and ``weak_attack``; ``weak_attack`` is also raised
+  by ``metrics["weak_attack"]`` (true) or a non-empty ``metrics["worst_case"]["weak_attacks"]`` (attacks that do
+  not beat the mean aux image) and, for runs recorded before any of these, derived from the worst-case MSE
+  against ``metrics["baseline"]["mean_image"]["mse"]``.
+- ``metrics["cem_diagnostics"]``: ``feature_std``, ``snr`` (std(z) / sigma), ``within_var_over_tau``,
+  ``between_within_ratio``; or ``metrics["defense_diagnostics"][<cem defense>]`` with ``std_z``, ``snr``,
+  ``within_cluster_var_over_tau``, ``between_within_ratio``; blank when absent.
 """
 from __future__ import annotations
 
@@ -51,15 +53,23 @@ def worst_case(metrics: dict[str, Any], metric: str = "mse") -> tuple[str | None
     return best
 
 
-def run_flags(metrics: dict[str, Any]) -> list[str]:
-    """The run's flags (``metrics["flags"]``), or, for runs recorded before flags existed, ``weak_attack`` when
-    the worst-case attack's MSE is not below the mean-aux-image baseline's."""
-    if "flags" in metrics and isinstance(metrics["flags"], (list, tuple)):
-        return [str(f) for f in metrics["flags"]]
-    flags = []
-    _, mse = worst_case(metrics, "mse")
+def weak_attacks(metrics: dict[str, Any]) -> list[str]:
+    """Attacks of the run that do not beat the mean-aux-image baseline on MSE (recorded in
+    ``worst_case.weak_attacks``, else computed from ``attacks`` and ``baseline``)."""
+    wc = metrics.get("worst_case") or {}
+    if isinstance(wc.get("weak_attacks"), list):
+        return [str(a) for a in wc["weak_attacks"]]
     base = ((metrics.get("baseline") or {}).get("mean_image") or {}).get("mse")
-    if mse is not None and _finite(base) and mse >= base:
+    if not _finite(base):
+        return []
+    return [n for n, r in (metrics.get("attacks") or {}).items() if _finite((r or {}).get("mse")) and r["mse"] >= base]
+
+
+def run_flags(metrics: dict[str, Any]) -> list[str]:
+    """The run's flags: ``metrics["flags"]`` plus ``weak_attack`` when any attack of the suite does not beat the
+    mean-image baseline (``metrics["weak_attack"]``, ``worst_case.weak_attacks``, or computed for old runs)."""
+    flags = [str(f) for f in metrics.get("flags") or [] if isinstance(f, str)]
+    if "weak_attack" not in flags and (metrics.get("weak_attack") is True or weak_attacks(metrics)):
         flags.append("weak_attack")
     return flags
 
@@ -68,19 +78,20 @@ def flag_text(flags: list[str]) -> str:
     return ", ".join(FLAG_TEXT.get(f, f.replace("_", " ")) for f in flags)
 
 
-# the report's control names -> the keys the CEM defenses write under metrics["defense_diagnostics"][<defense>]
-DIAGNOSTIC_SOURCE = {"feature_std": "std_z", "snr": "snr", "within_var_over_tau": "within_cluster_var_over_tau",
-                     "between_within_ratio": "between_within_ratio"}
+# metrics["defense_diagnostics"][<defense>] key -> the report's name
+_DIAG_ALIASES = {"std_z": "feature_std", "within_cluster_var_over_tau": "within_var_over_tau"}
 
 
 def cem_diagnostics(metrics: dict[str, Any]) -> dict[str, float | None]:
-    """The CEM controls (``feature_std``, ``snr`` = std(z)/sigma, ``within_var_over_tau``, ``between_within_ratio``)
-    from the first CEM defense in ``metrics["defense_diagnostics"]``; None for each key a run did not record."""
-    d: dict[str, Any] = {}
-    for name, diag in (metrics.get("defense_diagnostics") or {}).items():
-        if name.startswith("cem") and isinstance(diag, dict):
-            d = {k: diag.get(src) for k, src in DIAGNOSTIC_SOURCE.items()}
-            break
+    """The CEM controls (``feature_std``, ``snr`` = std(z)/sigma, ``within_var_over_tau``, ``between_within_ratio``);
+    None for each key a run did not record. Read from ``metrics["cem_diagnostics"]``, else from the first CEM
+    defense's entry of ``metrics["defense_diagnostics"]`` (``std_z``, ``within_cluster_var_over_tau`` renamed)."""
+    d = metrics.get("cem_diagnostics")
+    if not isinstance(d, dict):
+        per = metrics.get("defense_diagnostics") or {}
+        d = next((v for k, v in per.items() if isinstance(v, dict) and k.startswith("cem")), None) or \
+            next((v for v in per.values() if isinstance(v, dict) and "snr" in v), {})
+        d = {_DIAG_ALIASES.get(k, k): v for k, v in d.items()}
     return {k: (float(d[k]) if _finite(d.get(k)) else None) for k in DIAGNOSTIC_KEYS}
 
 
@@ -140,6 +151,7 @@ def run_summary(row: dict[str, Any]) -> dict[str, Any]:
         a, v = worst_case(m, k)
         rec[f"worst.{k}"], rec[f"worst.{k}.attack"] = v, a
     rec["flags"] = flag_text(run_flags(m))
+    rec["weak_attacks"] = " ".join(weak_attacks(m))
     rec["mean_image.mse"] = ((m.get("baseline") or {}).get("mean_image") or {}).get("mse")
     for k, v in cem_diagnostics(m).items():
         rec[f"cem.{k}"] = v
