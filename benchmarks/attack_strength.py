@@ -125,6 +125,52 @@ def write_table(args) -> None:
     print(OUT.read_text())
 
 
+def speed(args) -> None:
+    """Attack-fit speed of the default decoder by precision (issue 12), interleaved in one process: for each round
+    and precision, fits with ``max_steps`` S_short and S_long on the cached shallow undefended target; the
+    per-step time is (t_long - t_short) / (S_long - S_short) (setup excluded), the median over rounds."""
+    import platform
+    import statistics
+    from splitveil.attacks.inverse_network import InverseNetworkAttack, InverseNetworkParams
+    from splitveil.precision import MixedPrecision
+    data, edge, _ = target(args, "shallow", "none")
+    s_short, s_long = 4, 4 + args.speed_steps
+    variants = [("fp32", False), ("auto", "auto")]
+    times: dict[str, list[float]] = {v[0]: [] for v in variants}
+    for r in range(args.speed_rounds + 1):      # round 0: warm-up, discarded
+        for prec, cl in variants:
+            t = []
+            for steps in (s_short, s_long):
+                a = InverseNetworkAttack(InverseNetworkParams(epochs=1000, max_steps=steps, precision=prec, channels_last=cl,
+                                                              val_fraction=0.0), seed=1, show_progress=False)
+                t0 = time.perf_counter()
+                a.fit(edge, data)
+                t.append(time.perf_counter() - t0)
+            if r:
+                times[prec].append((t[1] - t[0]) / (s_long - s_short))
+    auto = MixedPrecision.create("auto", "auto", "cpu").info()
+    bs = InverseNetworkParams().batch_size
+    med = {k: statistics.median(v) for k, v in times.items()}
+    lines = ["", "## Attack fit (issue 12): default inverse_network decoder, auto vs fp32", "",
+             f"`flock /tmp/splitveil-heavy.lock python benchmarks/attack_strength.py --speed --threads {args.threads}`: "
+             f"the default residual decoder on the shallow (conv2, 8x8x8 features) undefended CIFAR-10 target, batch {bs}, "
+             f"{args.threads} thread(s), per-step time = (fit of {s_long} steps - fit of {s_short} steps) / {s_long - s_short}, "
+             f"variants interleaved in one process, median of {args.speed_rounds} rounds (one warm-up round discarded). "
+             f"auto resolved to {auto}. CPU: {platform.processor() or platform.machine()}; "
+             f"load at start {open('/proc/loadavg').read().split()[:3]} (a shared 2-core machine: absolute times are loaded, "
+             "the ratio is interleaved).", "",
+             "| precision | step ms | images/s | speed-up vs fp32 |", "|---|---|---|---|"]
+    for k in times:
+        lines.append(f"| {k} | {1000 * med[k]:.0f} | {bs / med[k]:.0f} | {med['fp32'] / med[k]:.2f}x |")
+    lines.append("")
+    lines.append("Per-round step ms: " + "; ".join(f"{k}: {[round(1000 * x) for x in v]}" for k, v in times.items()))
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = ROOT / "benchmarks" / "results" / "throughput.md"
+    with out.open("a") as f:
+        f.write(text)
+
+
 def yaml_value(text: str):
     import yaml
     return yaml.safe_load(text)
@@ -143,6 +189,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", type=lambda kv: (kv.split("=", 1)[0], yaml_value(kv.split("=", 1)[1])), action="append",
                     help="KEY=VALUE attack parameter override for every cell of this call (e.g. precision=fp32)")
+    ap.add_argument("--speed", action="store_true", help="attack-fit speed, auto vs fp32 (appends to results/throughput.md)")
+    ap.add_argument("--speed-steps", type=int, default=12)
+    ap.add_argument("--speed-rounds", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.list:
@@ -156,6 +205,8 @@ def main() -> None:
         cell_path(args, *c).parent.mkdir(parents=True, exist_ok=True)
         cell_path(args, *c).write_text(json.dumps(row))
         print(row, f"{time.perf_counter() - t:.0f}s")
+    if args.speed:
+        speed(args)
     if args.table or args.part:
         write_table(args)
 
