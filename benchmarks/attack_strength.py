@@ -180,6 +180,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", type=int, action="append", help="cell number(s) to run (see --list)")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--rerun", action="store_true", help="re-run cells that are cached already")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--train-size", type=int, default=3000)
@@ -200,6 +201,9 @@ def main() -> None:
             print(i, *c, "done" if done else "")
     for i in args.part or []:
         c = cells()[i]
+        if cell_path(args, *c).exists() and not args.rerun:
+            print("done already:", *c)
+            continue
         t = time.perf_counter()
         row = run_cell(args, *c)
         cell_path(args, *c).parent.mkdir(parents=True, exist_ok=True)
