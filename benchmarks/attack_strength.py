@@ -28,7 +28,12 @@ CACHE = ROOT / "runs" / "attack_strength_cache"   # runs/ is ignored by git
 OUT = ROOT / "benchmarks" / "results" / "attack_strength.md"
 CUTS = {"shallow": "conv2", "deep": "conv6"}
 DEFENSES = {"none": {"name": "none"}, "noise0.1": {"name": "gaussian_noise", "sigma": 0.1}}
-ATTACKS = {"inverse_network": "epochs", "inverse_network_plus": "epochs", "gan": "epochs", "rmle": "steps"}
+# row name -> (registered attack, budget field, parameter overrides)
+ATTACKS = {"inverse_network": ("inverse_network", "epochs", {}),
+           "inverse_network[arch=plain]": ("inverse_network", "epochs", {"arch": "plain"}),
+           "inverse_network_plus": ("inverse_network_plus", "epochs", {}),
+           "gan": ("gan", "epochs", {}),
+           "rmle": ("rmle", "steps", {})}
 FACTORS = (0.25, 0.5, 1.0, 2.0)
 
 
@@ -71,22 +76,25 @@ def target(args, cut: str, defense: str):
 def run_cell(args, cut, defense, attack, factor) -> dict:
     from splitveil.attacks import ATTACKS as REG, run_attack
     data, edge, acc = target(args, cut, defense)
-    cls = REG.get(attack)
-    key = ATTACKS[attack]
-    default = getattr(cls.Params(), key)
+    reg, key, over = ATTACKS[attack]
+    cls = REG.get(reg)
+    default = getattr(cls.Params(**over), key)
     budget = max(1, round(default * factor))
-    params = cls.Params(**{key: budget})
+    params = cls.Params(**{**over, key: budget, **dict(args.set or [])})
     torch.manual_seed(0)
     result, _, _ = run_attack(cls(params, seed=1, show_progress=False), edge, data, seed=7)
+    keep = ("fit.steps", "fit.best_epoch", "fit.val_mse", "fit.val_curve", "fit.precision", "fit.channels_last")
     return {"cut": cut, "defense": defense, "attack": attack, "factor": factor, "budget": f"{budget} {key}",
-            "mse": result["mse"], "fit_s": result["fit_seconds"], "accuracy": acc}
+            "mse": result["mse"], "fit_s": result["fit_seconds"], "accuracy": acc, "threads": torch.get_num_threads(),
+            "overrides": dict(args.set or []), **{k: result[k] for k in keep if k in result}}
+
+
+def cell_path(args, c, d, a, f) -> Path:
+    """Cached result of one cell; the folder names the sizes it was measured at (tables never mix sizes)."""
+    return CACHE / f"{args.train_size}-{args.test_size}-{args.aux_size}-{args.target_epochs}" / f"cell-{c}-{d}-{a}-{f}{''.join(f'-{k}={v}' for k, v in (args.set or []))}.json"
 
 
 def write_table(args) -> None:
-    rows = []
-    for c, d, a, f in cells():
-        p = CACHE / f"cell-{c}-{d}-{a}-{f}.json"
-        rows.append(json.loads(p.read_text()) if p.exists() else None)
     lines = ["# Attack strength against budget (issue 10)", "",
              f"CPU budget (2 shared cores, labelled): CIFAR-10, train {args.train_size}, test {args.test_size}, "
              f"aux {args.aux_size}, target {args.target_epochs} epochs; cuts {CUTS}. Test MSE per budget factor "
@@ -98,39 +106,111 @@ def write_table(args) -> None:
             for a in ATTACKS:
                 vals = {}
                 for f in FACTORS:
-                    p = CACHE / f"cell-{c}-{d}-{a}-{f}.json"
+                    p = cell_path(args, c, d, a, f)
                     vals[f] = json.loads(p.read_text()) if p.exists() else None
                 cellstr = [f"{v['mse']:.5f} ({v['fit_s']:.0f}s)" if v else "not run" for v in vals.values()]
                 ok = (f"{'yes' if vals[1.0]['mse'] <= 1.05 * vals[2.0]['mse'] else 'NO'}" if vals[1.0] and vals[2.0] else "not run")
                 lines.append(f"| {c} | {d} | {a} | " + " | ".join(cellstr) + f" | {ok} |")
+    lines += ["", "Per cell: optimisation steps, epoch kept by the held-out selection (of the epochs run), held-out MSE, "
+              "target accuracy, threads.", "", "| cut | defense | attack | factor | budget | steps | best epoch | val mse | test mse | fit s | target acc |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c, d, a, f in cells():
+        p = cell_path(args, c, d, a, f)
+        if p.exists():
+            v = json.loads(p.read_text())
+            lines.append(f"| {c} | {d} | {a} | {f} | {v['budget']} | {v.get('fit.steps', '')} | {v.get('fit.best_epoch', '')} | "
+                         f"{v.get('fit.val_mse', float('nan')):.5f} | {v['mse']:.5f} | {v['fit_s']:.0f} | {v['accuracy']:.3f} |")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("\n".join(lines) + "\n")
     print(OUT.read_text())
+
+
+def speed(args) -> None:
+    """Attack-fit speed of the default decoder by precision (issue 12), interleaved in one process: for each round
+    and precision, fits with ``max_steps`` S_short and S_long on the cached shallow undefended target; the
+    per-step time is (t_long - t_short) / (S_long - S_short) (setup excluded), the median over rounds."""
+    import platform
+    import statistics
+    from splitveil.attacks.inverse_network import InverseNetworkAttack, InverseNetworkParams
+    from splitveil.precision import MixedPrecision
+    data, edge, _ = target(args, "shallow", "none")
+    s_short, s_long = 4, 4 + args.speed_steps
+    variants = [("fp32", False), ("auto", "auto")]
+    times: dict[str, list[float]] = {v[0]: [] for v in variants}
+    for r in range(args.speed_rounds + 1):      # round 0: warm-up, discarded
+        for prec, cl in variants:
+            t = []
+            for steps in (s_short, s_long):
+                a = InverseNetworkAttack(InverseNetworkParams(epochs=1000, max_steps=steps, precision=prec, channels_last=cl,
+                                                              val_fraction=0.0), seed=1, show_progress=False)
+                t0 = time.perf_counter()
+                a.fit(edge, data)
+                t.append(time.perf_counter() - t0)
+            if r:
+                times[prec].append((t[1] - t[0]) / (s_long - s_short))
+    auto = MixedPrecision.create("auto", "auto", "cpu").info()
+    bs = InverseNetworkParams().batch_size
+    med = {k: statistics.median(v) for k, v in times.items()}
+    lines = ["", "## Attack fit (issue 12): default inverse_network decoder, auto vs fp32", "",
+             f"`flock /tmp/splitveil-heavy.lock python benchmarks/attack_strength.py --speed --threads {args.threads}`: "
+             f"the default residual decoder on the shallow (conv2, 8x8x8 features) undefended CIFAR-10 target, batch {bs}, "
+             f"{args.threads} thread(s), per-step time = (fit of {s_long} steps - fit of {s_short} steps) / {s_long - s_short}, "
+             f"variants interleaved in one process, median of {args.speed_rounds} rounds (one warm-up round discarded). "
+             f"auto resolved to {auto}. CPU: {platform.processor() or platform.machine()}; "
+             f"load at start {open('/proc/loadavg').read().split()[:3]} (a shared 2-core machine: absolute times are loaded, "
+             "the ratio is interleaved).", "",
+             "| precision | step ms | images/s | speed-up vs fp32 |", "|---|---|---|---|"]
+    for k in times:
+        lines.append(f"| {k} | {1000 * med[k]:.0f} | {bs / med[k]:.0f} | {med['fp32'] / med[k]:.2f}x |")
+    lines.append("")
+    lines.append("Per-round step ms: " + "; ".join(f"{k}: {[round(1000 * x) for x in v]}" for k, v in times.items()))
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = ROOT / "benchmarks" / "results" / "throughput.md"
+    with out.open("a") as f:
+        f.write(text)
+
+
+def yaml_value(text: str):
+    import yaml
+    return yaml.safe_load(text)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", type=int, action="append", help="cell number(s) to run (see --list)")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--rerun", action="store_true", help="re-run cells that are cached already")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
-    ap.add_argument("--train-size", type=int, default=5000)
-    ap.add_argument("--test-size", type=int, default=500)
-    ap.add_argument("--aux-size", type=int, default=2500)
-    ap.add_argument("--target-epochs", type=int, default=4)
+    ap.add_argument("--train-size", type=int, default=3000)
+    ap.add_argument("--test-size", type=int, default=300)
+    ap.add_argument("--aux-size", type=int, default=1000)
+    ap.add_argument("--target-epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", type=lambda kv: (kv.split("=", 1)[0], yaml_value(kv.split("=", 1)[1])), action="append",
+                    help="KEY=VALUE attack parameter override for every cell of this call (e.g. precision=fp32)")
+    ap.add_argument("--speed", action="store_true", help="attack-fit speed, auto vs fp32 (appends to results/throughput.md)")
+    ap.add_argument("--speed-steps", type=int, default=12)
+    ap.add_argument("--speed-rounds", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.list:
         for i, c in enumerate(cells()):
-            done = (CACHE / f"cell-{c[0]}-{c[1]}-{c[2]}-{c[3]}.json").exists()
+            done = cell_path(args, *c).exists()
             print(i, *c, "done" if done else "")
     for i in args.part or []:
         c = cells()[i]
+        if cell_path(args, *c).exists() and not args.rerun:
+            print("done already:", *c)
+            continue
         t = time.perf_counter()
         row = run_cell(args, *c)
-        (CACHE / f"cell-{c[0]}-{c[1]}-{c[2]}-{c[3]}.json").write_text(json.dumps(row))
+        cell_path(args, *c).parent.mkdir(parents=True, exist_ok=True)
+        cell_path(args, *c).write_text(json.dumps(row))
         print(row, f"{time.perf_counter() - t:.0f}s")
+    if args.speed:
+        speed(args)
     if args.table or args.part:
         write_table(args)
 

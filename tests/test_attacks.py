@@ -468,3 +468,54 @@ def test_worst_case_picks_the_best_reconstruction_and_flags_weak_attacks(tmp_pat
     assert m["weak_attack"] is True and m["worst_case"]["weak_attacks"] == ["rmle"]
     assert m["worst_case"]["mse"]["attack"] == "rmle" and m["worst_case"]["beats_baseline"] is False
     assert any("weak attack" in w and "rmle" in w for w in m["warnings"])
+
+
+# -- precision (issue 12) and the IR decoder option --------------------------------------------------------
+
+def test_decoder_attacks_fit_in_fp32_and_bf16_with_close_mse():
+    """fp32 and bf16 autocast (channels-last) fits of the same tiny problem both run, record their precision and
+    give finite, close held-out-free test MSE; the GAN's critic and gradient penalty run under bf16 too."""
+    from splitveil import run_attack
+    data = synthetic_bundle(n=48, size=8)
+    torch.manual_seed(0)
+    edge = plain_edge(nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU()))
+    common = dict(epochs=6, batch_size=16, channels=16, blocks=1, lr=3e-3, val_fraction=0.0)
+    mse = {}
+    for prec, cl in (("fp32", False), ("bf16", True)):
+        res = run_attack(InverseNetworkAttack(InverseNetworkParams(**common, precision=prec, channels_last=cl),
+                                              show_progress=False), edge, data, seed=0)[0]
+        assert res["fit.precision"] == prec and res["fit.channels_last"] is cl
+        assert torch.isfinite(torch.tensor(res["mse"])) and torch.isfinite(torch.tensor(res["fit.train_mse"]))
+        mse[prec] = res["mse"]
+    base = ((data.test.images.float() / 255 - data.aux.images.float().mean(0) / 255) ** 2).mean().item()
+    assert mse["fp32"] < 0.8 * base                            # both learned something ...
+    assert abs(mse["bf16"] - mse["fp32"]) < 0.1 * mse["fp32"], mse   # ... and the same thing, up to rounding
+    gan = GanAttack(GanParams(**{**common, "epochs": 1}, precision="bf16", n_critic=1, critic_channels=8,
+                              init_from_inverse=False), show_progress=False)
+    info = gan.fit(edge, data)
+    assert info["precision"] == "bf16"
+    for k in ("train_mse", "train_d_loss", "train_gp"):
+        assert torch.isfinite(torch.tensor(info[k])), k
+    with pytest.raises(ConfigError, match="precision"):
+        coerce(InverseNetworkParams, {"precision": "fp8"})
+
+
+def test_ir_decoder_is_a_decoder_option():
+    from splitveil import run_attack
+    from splitveil.models.ir_decoder import IRInversionDecoder
+    data = synthetic_bundle(n=32, size=8)
+    torch.manual_seed(0)
+    edge = plain_edge(nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU()))
+    attack = InverseNetworkAttack(InverseNetworkParams(arch="ir", channels=16, ir_units=1, epochs=2, batch_size=16,
+                                                       val_fraction=0.0), show_progress=False)
+    res = run_attack(attack, edge, data, seed=0)[0]
+    assert isinstance(attack.decoder, IRInversionDecoder) and attack.decoder.body[0].residual[1].out_channels == 16
+    assert torch.isfinite(torch.tensor(res["mse"]))
+    gan = GanAttack(GanParams(arch="ir", channels=16, ir_units=1, epochs=1, batch_size=16, n_critic=1, critic_channels=8,
+                              init_from_inverse=False, val_fraction=0.0), show_progress=False)
+    gan.fit(edge, data)
+    assert isinstance(gan.decoder, IRInversionDecoder)
+    with pytest.raises(ConfigError, match="arch"):
+        coerce(InverseNetworkPlusParams, {"arch": "ir"})
+    with pytest.raises(ConfigError, match="arch"):
+        coerce(InverseNetworkParams, {"arch": "unet"})

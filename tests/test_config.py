@@ -58,10 +58,15 @@ def test_run_id_is_stable_and_config_sensitive():
     c = config_from_dict({"name": "x"}, ["train.epochs=3"])
     assert a.run_id() == b.run_id() != c.run_id()
     # defaults written out or left implicit resolve to the same run
-    d = config_from_dict({"name": "x"}, ["train.epochs=2", "attacks.inverse_network.epochs=20",
+    from splitveil.attacks.inverse_network import InverseNetworkParams
+    default_epochs = InverseNetworkParams().epochs   # the current default, written out
+    d = config_from_dict({"name": "x"}, ["train.epochs=2", f"attacks.inverse_network.epochs={default_epochs}",
                                          "defense.name=gaussian_noise"])
     e = config_from_dict({"name": "x"}, ["train.epochs=2", "defense.name=gaussian_noise", "defense.sigma=0.1"])
     assert d.run_id() == e.run_id() != a.run_id()
+    f = config_from_dict({"name": "x"}, ["train.epochs=2", f"attacks.inverse_network.epochs={default_epochs + 1}",
+                                         "defense.name=gaussian_noise"])
+    assert f.run_id() != e.run_id()   # a non-default attack budget is a different run
 
 
 def test_cli_reports_config_errors(capsys):

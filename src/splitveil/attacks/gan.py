@@ -84,13 +84,18 @@ class GanAttack(InverseNetworkAttack):
 
     _init_state: dict | None = None
 
-    def generator_loss(self, x_hat: torch.Tensor, x01: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        rec = F.mse_loss(x_hat, x01)
+    def score(self, x01: torch.Tensor) -> torch.Tensor:
+        """Critic scores in float32, the critic run in the fit's precision (autocast) and layout."""
+        with self.amp.autocast():
+            return self.critic(self.amp.input(x01)).float()
+
+    def generator_loss(self, x_hat: torch.Tensor, x01: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        rec = F.mse_loss(x_hat, x01)   # float32 (x_hat is the decoder's float32 output)
         if self.params.adv_weight == 0:
-            return self.params.rec_weight * rec, {"mse": float(rec.detach())}
-        adv = -self.critic(x_hat).mean()
+            return self.params.rec_weight * rec, {"mse": rec.detach()}
+        adv = -self.score(x_hat).mean()
         loss = self.params.rec_weight * rec + self.params.adv_weight * adv
-        return loss, {"mse": float(rec.detach()), "g_adv": float(adv.detach())}
+        return loss, {"mse": rec.detach(), "g_adv": adv.detach()}
 
     def initial_state(self) -> dict[str, torch.Tensor] | None:
         return self._init_state
@@ -98,7 +103,7 @@ class GanAttack(InverseNetworkAttack):
     def setup_training(self, data: DataBundle, total_steps: int) -> None:
         p = self.params
         super().setup_training(data, total_steps)   # generator: AdamW + schedule
-        self.critic = Critic(data.image_shape, p.critic_channels).to(self.device)
+        self.critic = self.amp.prepare(Critic(data.image_shape, p.critic_channels).to(self.device))
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=p.critic_lr, betas=(p.critic_beta1, p.critic_beta2))
         if p.schedule == "cosine" and p.adv_weight > 0:
             self.schedulers.append(cosine_schedule(self.critic_optimizer, total_steps))
@@ -117,34 +122,32 @@ class GanAttack(InverseNetworkAttack):
         self._stream = self._critic_stream(edge, data, split)
         return super().train_epochs(edge, data, split, val_data, warm)
 
-    def critic_step(self) -> dict[str, float]:
+    def critic_step(self) -> dict[str, torch.Tensor]:
         z, real = next(self._stream)
         with torch.no_grad():
-            fake = self.decoder(z)
-        wdist = self.critic(real).mean() - self.critic(fake).mean()
-        gp = gradient_penalty(self.critic, real, fake)
+            fake = self.decode(z)
+        wdist = self.score(real).mean() - self.score(fake).mean()
+        gp = gradient_penalty(self.critic, real, fake)   # float32, outside autocast (a double backward)
         d_loss = -wdist + self.params.gp_weight * gp
         self.critic_optimizer.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.critic_optimizer.step()
-        return {"d_loss": float(d_loss.detach()), "wdist": float(wdist.detach()), "gp": float(gp.detach())}
+        self.amp.backward_step(d_loss, self.critic_optimizer)
+        return {"d_loss": d_loss.detach(), "wdist": wdist.detach(), "gp": gp.detach()}
 
-    def train_step(self, z: torch.Tensor, x01: torch.Tensor) -> dict[str, float]:
+    def train_step(self, z: torch.Tensor, x01: torch.Tensor) -> dict[str, torch.Tensor]:
         p = self.params
-        d_info: dict[str, float] = {}
+        d_info: dict[str, torch.Tensor] = {}
         if p.adv_weight > 0:   # with adv_weight 0 the critic cannot change the generator: not trained
             for _ in range(p.n_critic):
                 d_info = self.critic_step()
             for q in self.critic.parameters():
                 q.requires_grad_(False)
-        loss, info = self.generator_loss(self.decoder(z), x01)
+        loss, info = self.generator_loss(self.decode(z), x01)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.amp.backward_step(loss, self.optimizer)
         if p.adv_weight > 0:
             for q in self.critic.parameters():
                 q.requires_grad_(True)
-        return {**info, "g_loss": float(loss.detach()), **d_info}
+        return {**info, "g_loss": loss.detach(), **d_info}
 
     def modules_to_save(self) -> dict[str, Any]:
         return {**super().modules_to_save(), "critic": self.critic, "critic_optimizer": self.critic_optimizer}

@@ -14,6 +14,7 @@ from torch import nn
 from ..data import DataBundle, ImageSplit
 from ..defenses import Edge
 from ..params import require
+from ..precision import MixedPrecision
 from ..utils import atomic_torch_save, progress, rng_state, set_rng_state
 from .base import ATTACKS, Attack, inference_split, transmitted
 
@@ -26,9 +27,10 @@ class InverseNetworkParams:
     beta1: float = 0.9
     weight_decay: float = 1e-4         # decoupled (AdamW)
     schedule: Literal["cosine", "none"] = "cosine"   # per step, over the whole budget
-    arch: Literal["residual", "plain"] = "residual"  # plain: the old 5-layer conv/deconv decoder
+    arch: Literal["residual", "plain", "ir"] = "residual"  # plain: the old 5-layer conv/deconv decoder; ir: reversed IR units (models/ir_decoder.py)
     channels: int | None = None        # width of the first stage; None: clamp(C_in / 2, 64, 256); halved per upsampling (>= 32)
     blocks: int = 4                    # residual blocks before the upsampling stages (residual arch)
+    ir_units: int = 2                  # reversed IR units per stage (ir arch)
     activation: Literal["auto", "prelu", "tanh", "relu"] = "auto"  # auto: PReLU for maps <= 8x8 (GPZ), else ReLU (Tanh: plain)
     val_fraction: float = 0.1          # of the attacker's images held out to choose the epoch (never test images)
     select: Literal["best", "last"] = "best"  # keep the epoch with the lowest held-out MSE, or the last one
@@ -39,6 +41,10 @@ class InverseNetworkParams:
     # (in a run, one split seeded by the run seed is shared by every attack)
     mode: Literal["training-time", "inference-time"] = "training-time"
     fit_fraction: float = 0.9
+    # numeric precision of the fit (issue 12; splitveil/precision.py): autocast bf16/fp16 with float32 weights,
+    # optimiser state, losses and metrics; auto: bf16 + channels-last where the device runs bf16 fast, else fp32
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool | Literal["auto"] = "auto"
 
     def validate(self) -> None:
         require(self.epochs >= 1, "epochs", "must be >= 1")
@@ -51,6 +57,10 @@ class InverseNetworkParams:
         require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         require(self.channels is None or self.channels >= 4, "channels", "must be >= 4 or null")
         require(0 <= self.blocks <= 16, "blocks", "must be in [0, 16]")
+        require(self.arch in ("residual", "plain", "ir"), "arch", f"must be residual, plain or ir (got {self.arch!r})")
+        require(self.ir_units >= 1, "ir_units", "must be >= 1")
+        require(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision", "must be auto, fp32, bf16 or fp16")
+        require(self.channels_last in (True, False, "auto"), "channels_last", "must be auto, true or false")
 
 
 def make_activation(kind: str, channels: int) -> nn.Module:
@@ -204,6 +214,10 @@ class InverseNetworkAttack(Attack):
 
     def build_decoder(self, feature_shape: tuple[int, ...], image_shape: tuple[int, int, int]) -> nn.Module:
         p = self.params
+        if p.arch == "ir":
+            from ..models.ir_decoder import IRInversionDecoder
+            c_in = feature_shape[0] if len(feature_shape) == 3 else 256
+            return IRInversionDecoder(feature_shape, image_shape, p.channels or auto_width(c_in), p.ir_units)
         return InversionDecoder(feature_shape, image_shape, p.channels if p.arch == "residual" else (p.channels or 128),
                                 p.activation, arch=p.arch, blocks=p.blocks)
 
@@ -215,12 +229,17 @@ class InverseNetworkAttack(Attack):
     def calibrate(self, z: torch.Tensor) -> None:
         """Called once before training with transmitted features of (up to 1024) training images."""
 
-    def train_step(self, z: torch.Tensor, x01: torch.Tensor) -> dict[str, float]:
-        loss = F.mse_loss(self.decoder(z), x01)
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's output in float32, computed in the fit's precision (autocast) and layout."""
+        with self.amp.autocast():
+            return self.decoder(self.amp.input(z)).float()
+
+    def train_step(self, z: torch.Tensor, x01: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimisation step; returns detached scalar tensors (read once per epoch: no host sync per step)."""
+        loss = F.mse_loss(self.decode(z), x01)   # float32 loss
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return {"mse": float(loss.detach())}
+        self.amp.backward_step(loss, self.optimizer)
+        return {"mse": loss.detach()}
 
     def modules_to_save(self) -> dict[str, Any]:
         return {"decoder": self.decoder, "optimizer": self.optimizer,
@@ -234,12 +253,14 @@ class InverseNetworkAttack(Attack):
     def held_out_mse(self, z: torch.Tensor, x01: torch.Tensor) -> float:
         """Per-image MSE of the decoder on held-out (z, x), averaged (eval mode)."""
         self.decoder.eval()
-        errs = [((self.decoder(zb.to(self.device)).float().cpu() - xb) ** 2).flatten(1).mean(1)
+        errs = [((self.decode(zb.to(self.device)).cpu() - xb) ** 2).flatten(1).mean(1)
                 for zb, xb in zip(z.split(256), x01.split(256))]
         return float(torch.cat(errs).mean())
 
     def fit(self, edge: Edge, data: DataBundle) -> dict[str, Any]:
         edge.eval()
+        p = self.params
+        self.amp = MixedPrecision.create(p.precision, p.channels_last, self.device, field=f"attacks.{self.name}")
         split, val = self.train_val_parts(self.fit_split(data))
         torch.manual_seed(self.seed)
         feature_shape = tuple(edge(data.to_model_input(split.images[:1], self.device)).shape[1:])
@@ -250,6 +271,7 @@ class InverseNetworkAttack(Attack):
         else:
             z_cal, _ = transmitted(edge, data, split.subset(torch.arange(min(1024, len(split)))), self.device, self.seed + 5)
             self.calibrate(z_cal.to(self.device))
+        self.amp.prepare(self.decoder)
         per_epoch = math.ceil(len(split) / self.params.batch_size)
         total = self.params.epochs * per_epoch
         if self.params.max_steps is not None:
@@ -257,7 +279,7 @@ class InverseNetworkAttack(Attack):
         self.setup_training(data, total)
         val_data = transmitted(edge, data, val, self.device, self.seed + 3) if val is not None else None
         info = self.train_epochs(edge, data, split, val_data, warm=init is not None)
-        return {**info, "fit_images": len(split), "val_images": len(val) if val is not None else 0}
+        return {**info, "fit_images": len(split), "val_images": len(val) if val is not None else 0, **self.amp.info()}
 
     def train_epochs(self, edge: Edge, data: DataBundle, split: ImageSplit,
                      val_data: tuple[torch.Tensor, torch.Tensor] | None, warm: bool = False) -> dict[str, Any]:
@@ -293,15 +315,16 @@ class InverseNetworkAttack(Attack):
             for x, _ in data.batches(split, p.batch_size, self.device, shuffle=True, generator=gen):
                 with torch.no_grad():
                     z = edge(x)   # fresh defense randomness every batch, exactly as the edge sends it
-                for k, v in self.train_step(z, data.denormalize(x)).items():
-                    sums[k] = sums.get(k, 0.0) + v
+                for k, v in self.train_step(z, data.denormalize(x)).items():   # tensors stay on the device
+                    v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
+                    sums[k] = sums[k] + v if k in sums else v
                 for s in self.schedulers:
                     s.step()
                 n += 1
                 steps += 1
                 if max_steps is not None and steps >= max_steps:
                     break
-            last = {k: v / max(1, n) for k, v in sums.items()}
+            last = {k: float(v) / max(1, n) for k, v in sums.items()}   # one read per epoch
             epochs_done = epoch + 1
             if val_data is not None:
                 v = self.held_out_mse(*val_data)
@@ -327,6 +350,7 @@ class InverseNetworkAttack(Attack):
         elif val_curve:
             out.update(best_epoch=epochs_done, val_mse=val_curve[-1])
         self.decoder.eval()
+        self.amp.release(self.decoder)   # the default layout for whoever uses the fitted decoder next
         return out
 
     def selected_state(self) -> dict[str, torch.Tensor]:
@@ -336,7 +360,7 @@ class InverseNetworkAttack(Attack):
     @torch.no_grad()
     def invert(self, z: torch.Tensor) -> torch.Tensor:
         self.decoder.eval()
-        return self.decoder(z)
+        return self.decode(z)
 
 
 def copy_state(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -43,6 +43,8 @@ class InverseNetworkPlusParams(InverseNetworkParams):
         require(0.0 <= self.enrich_dropout < 1.0, "enrich_dropout", "must be in [0, 1)")
         require(self.enrich_hidden >= 1, "enrich_hidden", "must be >= 1")
         require(self.mhsa_heads >= 1, "mhsa_heads", "must be >= 1")
+        require(self.arch != "ir", "arch", "ir has no stages for the attention blocks; use residual or plain "
+                "(or inverse_network / gan with arch: ir)")
 
 
 def count_stages(feature_shape: tuple[int, ...], image_shape: tuple[int, int, int], channels: int | None) -> int:
