@@ -604,7 +604,7 @@ def _run_local(sweep: Sweep, tracker: _Tracker, workers: int, force: bool) -> in
     return workers
 
 
-RAY_MIN_VERSION = (2, 52)
+RAY_MIN_VERSION = (2, 59)
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -627,12 +627,11 @@ def _run_ray(sweep: Sweep, tracker: _Tracker, force: bool, address: str | None, 
         if address:
             ray.init(address=address, **kwargs)
         else:
-            # a local cluster runs arbitrary code for whoever can reach it: listen on the loopback only and
-            # with Ray's token authentication (Ray >= 2.52; on by default for local clusters from 2.59)
+            # a local cluster runs arbitrary code for whoever can reach it: listen on the loopback only, with
+            # Ray's token authentication (on by default for local clusters from Ray 2.59)
             if _version_tuple(ray.__version__) < RAY_MIN_VERSION:
                 raise ConfigError(f"the ray backend needs Ray >= {'.'.join(map(str, RAY_MIN_VERSION))} (token "
-                                  f"authentication); found {ray.__version__}: pip install -U 'ray>=2.52'")
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
+                                  f"authentication by default); found {ray.__version__}: pip install -U 'ray>=2.59'")
             ray.init(num_cpus=num_cpus or available_cores(), num_gpus=num_gpus, _node_ip_address="127.0.0.1",
                      **kwargs)
         started = True
