@@ -269,8 +269,6 @@ class CEMDefense(Defense):
             if d is self:
                 continue
             s = d.noise_std()
-            if s is None and d.name == "gaussian_noise":   # until gaussian_noise declares noise_std() itself
-                s = float(d.params.sigma) if d.params.sigma > 0 else None
             if s is not None:
                 others.append((d.name, s))
         if p.noise and others:

@@ -22,6 +22,9 @@ class GaussianNoise(Defense):
     name = "gaussian_noise"
     Params = NoiseParams
 
+    def noise_std(self) -> float | None:
+        return float(self.params.sigma) if self.params.sigma > 0 else None
+
     def transform(self, z: torch.Tensor, training: bool) -> torch.Tensor:
         if self.params.sigma == 0:
             return z
