@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -332,18 +333,21 @@ class GPZSweep:
         self.prepare()
         ks = parse_cuts(cuts, self.block_names)
         done = self.load_rows()
-        for k in ks:
+        for i, k in enumerate(ks, 1):
+            step = f"cut {i}/{len(ks)}"   # progress over the swept cuts (k is the cut's index in the model)
+            if self.cfg.progress:
+                print(f"gpz {step}: {self.block_names[k - 1]}", file=sys.stderr, flush=True)
             row = done.get(k)
             if row is None or row.get("probe_version") != PROBE_VERSION or row.get("bootstrap") != self.bootstrap:
                 kept = {key: v for key, v in (row or {}).items() if key in ATTACK_KEYS}
                 row = {**self.probe(k), **kept}
                 self._save_row(row)
-                log.info("cut %d %s: d %d, R_c^2 %.4g, within-fraction %.4f", k, row["block"], row["d"],
+                log.info("%s: cut %d %s: d %d, R_c^2 %.4g, within-fraction %.4f", step, k, row["block"], row["d"],
                          row["rc2_mean"], row["within_fraction"])
             if attack and row.get("mse") is None:
                 row.update(self.attack(k))
                 self._save_row(row)
-                log.info("cut %d %s: attack mse %.5f", k, row["block"], row["mse"])
+                log.info("%s: cut %d %s: attack mse %.5f", step, k, row["block"], row["mse"])
             done[k] = row
         rows = [done[k] for k in ks]
         if not attack:  # a probe-only sweep: attack numbers of earlier runs are kept in rows.json, not shown
