@@ -219,9 +219,10 @@ def test_killed_worker_is_replaced_and_the_sweep_finishes_without_rerunning_anyt
     assert proc.returncode == 0 and "1 worker process(es) died" in log and "4/4 finished" in log, log
     rows = store_rows(out)
     assert sorted(rows) == sorted(ids) and all(r["status"] == "finished" for r in rows.values())
-    # every other point ran once; the killed one was started twice (the second time by the replacement)
+    # no finished point ran again; the point the worker was on when killed (usually `killed`; on a fast machine
+    # the worker may already have moved to the next point, or be between points) was started at most twice
     starts = {rid: (out / rid / "run.log").read_text().count(" data mnist: ") for rid in ids}
-    assert starts == {rid: 2 if rid == killed else 1 for rid in ids}, starts
+    assert set(starts.values()) <= {1, 2} and sum(v == 2 for v in starts.values()) <= 1, starts
     again = run_sweep(load_sweep(path, out=out), workers=2, progress=False)
     assert sorted(again.skipped) == sorted(ids) and again.ran == []
 
