@@ -197,20 +197,29 @@ def _running_point(out: Path, parent: int, after_one_finished: bool) -> tuple[st
     return None
 
 
+def _wait_for_running_point(out: Path, proc: subprocess.Popen, after_one_finished: bool,
+                            timeout: float = 120) -> tuple[str, int] | None:
+    """Poll until a point is running in a worker of ``proc`` (or the sweep ends / ``timeout`` passes)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+        hit = _running_point(out, proc.pid, after_one_finished)
+        if hit:
+            return hit
+    return None
+
+
 def test_killed_worker_is_replaced_and_the_sweep_finishes_without_rerunning_anything(tmp_path, data_root):
     path = tiny_sweep(tmp_path, "killme", grid={"seed": [0, 1, 2, 3]}, **{"train.epochs": 2})
     out = tmp_path / "out"
     ids = [p.run_id for p in load_sweep(path, out=out).points]
     proc = _start_sweep(path, out)
     killed = None
-    deadline = time.time() + 120
     try:
-        while killed is None and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-            hit = _running_point(out, proc.pid, after_one_finished=True)
-            if hit:
-                os.kill(hit[1], signal.SIGKILL)
-                killed = hit[0]
+        hit = _wait_for_running_point(out, proc, after_one_finished=True)
+        if hit:
+            os.kill(hit[1], signal.SIGKILL)
+            killed = hit[0]
         log = proc.communicate(timeout=180)[0]
     finally:
         if proc.poll() is None:
@@ -231,12 +240,8 @@ def test_sigint_to_the_sweep_parent_stops_running_and_queued_points(tmp_path, da
     path = tiny_sweep(tmp_path, "stopme", grid={"seed": [0, 1, 2, 3, 4, 5]}, **{"train.epochs": 6})
     out = tmp_path / "out"
     proc = _start_sweep(path, out)
-    hit = None
-    deadline = time.time() + 120
     try:
-        while hit is None and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-            hit = _running_point(out, proc.pid, after_one_finished=False)
+        hit = _wait_for_running_point(out, proc, after_one_finished=False)
         assert hit is not None, "no running point was seen"
         os.kill(proc.pid, signal.SIGINT)          # the parent alone, as `kill -INT`
         t = time.time()
