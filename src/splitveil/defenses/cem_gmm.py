@@ -62,9 +62,12 @@ class CEMGMMParams(CEMParams):
 
 
 # -- k-means ------------------------------------------------------------------------------------------------
-def _sqdist(x: torch.Tensor, cent: torch.Tensor) -> torch.Tensor:
-    """Squared distances (C, P, k) between x (C, P, D) and cent (C, k, D) (x centred per class by the caller)."""
-    return ((x * x).sum(-1, keepdim=True) - 2 * x @ cent.transpose(1, 2) + (cent * cent).sum(-1).unsqueeze(1)).clamp_min(0)
+def _sqdist(x: torch.Tensor, cent: torch.Tensor, xx: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared distances (C, P, k) between x (C, P, D) and cent (C, k, D) (x centred per class by the caller);
+    ``xx``: the precomputed squared norms (C, P, 1) of x."""
+    if xx is None:
+        xx = (x * x).sum(-1, keepdim=True)
+    return (xx - 2 * x @ cent.transpose(1, 2) + (cent * cent).sum(-1).unsqueeze(1)).clamp_min(0)
 
 
 def kmeans_pp(x: torch.Tensor, valid: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -92,10 +95,11 @@ def kmeans(x: torch.Tensor, valid: torch.Tensor, init: torch.Tensor, iters: int)
     cent = init.clone()
     k = cent.shape[1]
     w_valid = valid.to(x.dtype).unsqueeze(-1)
+    xx = (x * x).sum(-1, keepdim=True)          # once: the points do not move
     prev = None
     it = 0
     for it in range(1, iters + 1):
-        a = _sqdist(x, cent).argmin(-1)
+        a = _sqdist(x, cent, xx).argmin(-1)
         if prev is not None and not bool(((a != prev) & valid).any()):
             break
         prev = a
@@ -103,7 +107,7 @@ def kmeans(x: torch.Tensor, valid: torch.Tensor, init: torch.Tensor, iters: int)
         counts = onehot.sum(1)
         sums = onehot.transpose(1, 2) @ x
         cent = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), cent)
-    return cent, _sqdist(x, cent).argmin(-1), it
+    return cent, _sqdist(x, cent, xx).argmin(-1), it
 
 
 def assign(z: torch.Tensor, y: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -246,14 +250,22 @@ class CEMGMM(CEMDefense):
         return data.train.subset(torch.sort(torch.cat(keep)).values)
 
     @torch.no_grad()
-    def refit(self, model, data, device, epoch: int) -> None:
+    def refit(self, model, data, device, epoch: int, amp=None) -> None:
+        """Eval-mode, noise-free features of the refit images, then the k-means. ``amp``: the training loop's
+        :class:`~splitveil.precision.MixedPrecision`, so the encoding runs at the precision and layout of the
+        training step (the features are cast to float32 before any statistic)."""
         enc = model.encoder
         was = enc.training
         enc.eval()
         zs, ys = [], []
         try:
             for x, y in data.batches(self.refit_source(data), self.params.refit_batch_size, device):
-                zs.append(enc(x).flatten(1).float())
+                if amp is None:
+                    z = enc(x)
+                else:
+                    with amp.autocast():
+                        z = enc(amp.input(x))
+                zs.append(z.float().flatten(1))
                 ys.append(y)
         finally:
             enc.train(was)
@@ -267,7 +279,7 @@ class CEMGMM(CEMDefense):
 
     def on_epoch_end(self, trainer: Any, epoch: int) -> None:
         if self.params.lambda_ > 0:
-            self.refit(trainer.model, trainer.data, trainer.device, epoch)
+            self.refit(trainer.model, trainer.data, trainer.device, epoch, getattr(trainer, "amp", None))
         super().on_epoch_end(trainer, epoch)
 
     def mixture(self) -> dict[str, torch.Tensor]:
