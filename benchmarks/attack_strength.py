@@ -5,8 +5,8 @@ deep cut, fit each attack at 1/4, 1/2, 1 and 2 times its default budget (decoder
 record the test MSE and fit time. The default must reach within 5% of the MSE at twice the budget.
 
 Designed for 2 shared CPU cores: every (cut, defense, attack, budget) cell is one `--part`, each well under
-10 minutes under the shared lock; trained targets and finished cells are cached in runs/attack_strength_cache/ (ignored
-by git), so the table fills in over several invocations. `--table` writes benchmarks/results/attack_strength.md
+10 minutes under the shared lock; trained targets are cached in runs/attack_strength_cache/ (ignored by git) and finished cells
+in benchmarks/results/attack_strength_cells/ (committed: they outlive the machine), so the table fills in over several invocations. `--table` writes benchmarks/results/attack_strength.md
 from whatever cells exist, marking the rest "not run". Sizes are reduced on CPU (`--train-size`, `--test-size`,
 `--aux-size`, `--target-epochs`): the table states the budget it was measured under.
 
@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / "runs" / "attack_strength_cache"   # runs/ is ignored by git
+CACHE = ROOT / "runs" / "attack_strength_cache"   # trained targets (checkpoints: runs/ is ignored by git)
+CELLS = ROOT / "benchmarks" / "results" / "attack_strength_cells"   # finished cells (small JSON, committed)
 OUT = ROOT / "benchmarks" / "results" / "attack_strength.md"
 CUTS = {"shallow": "conv2", "deep": "conv6"}
 DEFENSES = {"none": {"name": "none"}, "noise0.1": {"name": "gaussian_noise", "sigma": 0.1}}
@@ -91,7 +92,7 @@ def run_cell(args, cut, defense, attack, factor) -> dict:
 
 def cell_path(args, c, d, a, f) -> Path:
     """Cached result of one cell; the folder names the sizes it was measured at (tables never mix sizes)."""
-    return CACHE / f"{args.train_size}-{args.test_size}-{args.aux_size}-{args.target_epochs}" / f"cell-{c}-{d}-{a}-{f}{''.join(f'-{k}={v}' for k, v in (args.set or []))}.json"
+    return CELLS / f"{args.train_size}-{args.test_size}-{args.aux_size}-{args.target_epochs}" / f"cell-{c}-{d}-{a}-{f}{''.join(f'-{k}={v}' for k, v in (args.set or []))}.json"
 
 
 def write_table(args) -> None:
