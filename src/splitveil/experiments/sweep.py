@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, TextIO
 
 from ..params import ConfigError
+from . import ray_security
 from .config import (RunConfig, absolute_root, apply_override, config_from_dict, read_yaml_mapping,
                      root_relative_to)
 from .store import ResultsStore, RunBusyError, lock_path, run_lock
@@ -627,13 +628,18 @@ def _run_ray(sweep: Sweep, tracker: _Tracker, force: bool, address: str | None, 
         if address:
             ray.init(address=address, **kwargs)
         else:
-            # a local cluster runs arbitrary code for whoever can reach it: listen on the loopback only, with
-            # Ray's token authentication (on by default for local clusters from Ray 2.59)
+            # a local cluster runs arbitrary code for whoever can reach it, and Ray listens on all interfaces
+            # whatever address it is given: require its token authentication (splitveil.experiments.ray_security)
             if _version_tuple(ray.__version__) < RAY_MIN_VERSION:
                 raise ConfigError(f"the ray backend needs Ray >= {'.'.join(map(str, RAY_MIN_VERSION))} (token "
                                   f"authentication by default); found {ray.__version__}: pip install -U 'ray>=2.59'")
-            ray.init(num_cpus=num_cpus or available_cores(), num_gpus=num_gpus, _node_ip_address="127.0.0.1",
-                     **kwargs)
+            ray_security.check_auth_not_disabled()
+            ray.init(num_cpus=num_cpus or available_cores(), num_gpus=num_gpus, **kwargs)
+            try:
+                ray_security.check_started_cluster()
+            except ConfigError:
+                ray.shutdown()
+                raise
         started = True
     try:
         cluster = ray.cluster_resources()
