@@ -412,6 +412,28 @@ def test_new_inverse_network_beats_the_old_configuration_at_equal_steps():
 STEPS = 200
 
 
+@pytest.mark.skipif(os.environ.get("SPLITVEIL_LONG_TESTS") != "1",
+                    reason="about 5 CPU minutes: set SPLITVEIL_LONG_TESTS=1 (not part of the CI run)")
+def test_new_inverse_network_beats_the_old_configuration_on_real_digits(data_root):
+    """The same comparison on real images (MNIST, 512 aux images, a 3-conv encoder to 256 channels at 4x4, 300
+    steps of batch 32): measured 2026-12-02, old 0.00373, new 0.00304 (-18%). At 150 steps on 256 aux images
+    and 128 channels the new decoder is not yet ahead (0.0069 vs 0.0046): it needs its budget."""
+    from splitveil import DataConfig, run_attack
+    torch.set_num_threads(1)
+    data = build_data(DataConfig(name="mnist", root=str(data_root), train_size=64, test_size=200, aux_size=512), seed=0)
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Conv2d(1, 64, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(64, 128, 3, stride=2, padding=1),
+                        nn.ReLU(), nn.Conv2d(128, 256, 3, stride=2, padding=1), nn.ReLU())
+    edge = plain_edge(enc)
+    old = dict(arch="plain", channels=128, weight_decay=0.0, schedule="none", select="last", val_fraction=0.0)
+    mse = {}
+    for name, kw in (("old", old), ("new", {})):
+        attack = InverseNetworkAttack(InverseNetworkParams(epochs=1000, max_steps=300, batch_size=32, **kw),
+                                      show_progress=False)
+        mse[name] = run_attack(attack, edge, data, seed=0)[0]["mse"]
+    assert mse["new"] < 0.9 * mse["old"], mse
+
+
 def _suite_run(tmp_path, attacks):
     """A tiny run that records, per attack, the test positions it is scored on."""
     import splitveil.experiments.run as run_mod
