@@ -414,7 +414,7 @@ STEPS = 200
 
 def _suite_run(tmp_path, attacks):
     """A tiny run that records, per attack, the test positions it is scored on."""
-    import splitveil.experiments.run as run_mod
+    import splitveil.experiments.pipeline as run_mod  # the stages live in the pipeline
     seen = {}
     orig = run_mod.run_attack
 
