@@ -15,7 +15,6 @@ Every accessor accepts metrics written before a key existed (old run folders sti
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 

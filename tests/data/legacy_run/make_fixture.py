@@ -6,7 +6,9 @@ how the fixture was made, not run by the tests).
   checkpoints, attack weights, recon tensors and log are dropped to keep it tiny).
 - ``gpz_rows.json``: the rows of a tiny GPZ sweep (cuts 1 and 4, attack on, bootstrap 0).
 
-    PYTHONPATH=src python tests/data/legacy_run/make_fixture.py
+    PYTHONPATH=src python tests/data/legacy_run/make_fixture.py [run|gpz]
+
+Each part runs in a fresh process (a run before the sweep in the same process changes its numbers slightly).
 """
 from __future__ import annotations
 
@@ -29,13 +31,19 @@ GPZ_OVER = {"attacks.inverse_network.epochs": 1, "attacks.inverse_network.channe
             "data.test_size": 96, "eval.recon_images": 3, "threads": 1}
 
 
-def main() -> None:
+def main(part: str) -> None:
     import torch
     from conftest import tiny_config
     from splitveil.experiments.gpz import GPZSweep
     from splitveil.experiments.run import run_experiment
 
     torch.set_num_threads(1)
+    if part == "gpz":
+        with tempfile.TemporaryDirectory() as tmp:
+            res = GPZSweep(tiny_config(**GPZ_OVER), tmp, probe_images=64, bootstrap=0).run("1,4", attack=True)
+        (HERE / "gpz_rows.json").write_text(json.dumps({"over": GPZ_OVER, "accuracy": res["accuracy"],
+                                                        "rows": res["rows"], "zone": res["zone"]}, indent=1))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         m = run_experiment(tiny_config(**RUN_OVER), tmp / "runs")
@@ -49,11 +57,13 @@ def main() -> None:
         db.execute("PRAGMA journal_mode=DELETE")
         db.close()
         shutil.copy(tmp / "runs" / "results.sqlite", runs / "results.sqlite")
-        res = GPZSweep(tiny_config(**GPZ_OVER), tmp / "gpz", probe_images=64, bootstrap=0).run("1,4", attack=True)
-        (HERE / "gpz_rows.json").write_text(json.dumps({"over": GPZ_OVER, "accuracy": res["accuracy"],
-                                                        "rows": res["rows"], "zone": res["zone"]}, indent=1))
     print("run", m["run_id"], "accuracy", m["accuracy"], {k: v["mse"] for k, v in m["attacks"].items()})
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1:
+        main(sys.argv[1])
+    else:
+        import subprocess
+        for part in ("run", "gpz"):
+            subprocess.run([sys.executable, __file__, part], check=True)
