@@ -207,7 +207,7 @@ class EdgeCost:
 @dataclass
 class RunRecord:
     """One run's ``metrics.json``: fields in the order the file lists them."""
-    run_id: str = ""
+    run_id: str | None = None
     status: str = "finished"
     dataset: str | None = None
     model: str | None = None
@@ -235,6 +235,8 @@ class RunRecord:
     threads: int | None = None
     precision: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)   # keys this record does not know (newer writers)
+    # the keys of the dict a record was read from (None: built by a run): to_dict writes no key the source lacked
+    source_keys: frozenset[str] | None = field(default=None, repr=False, compare=False)
 
     # metrics.json key order: status and run_id first, as the run has always written them
     ORDER = ("status", "run_id")
@@ -242,8 +244,9 @@ class RunRecord:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "RunRecord":
         d = dict(d or {})
-        names = [f.name for f in fields(cls) if f.name != "extra"]
+        names = [f.name for f in fields(cls) if f.name not in ("extra", "source_keys")]
         kw = {k: d.pop(k) for k in names if k in d}
+        present = frozenset(kw)
         kw["attacks"] = {n: AttackResult.from_dict(r, n) for n, r in (kw.get("attacks") or {}).items()}
         kw["baseline"] = {n: ImageScores.from_dict(r, n) for n, r in (kw.get("baseline") or {}).items()}
         if "worst_case" in kw:
@@ -252,13 +255,16 @@ class RunRecord:
             kw["cost"] = EdgeCost.from_dict(kw["cost"])
         if kw.get("cut") is not None:
             kw["cut"] = str(kw["cut"])
-        return cls(**kw, extra=d)
+        return cls(**kw, extra=d, source_keys=present)
 
     def to_dict(self) -> dict[str, Any]:
-        """The metrics.json dict (fields left None are not written)."""
-        names = list(self.ORDER) + [f.name for f in fields(self) if f.name not in self.ORDER and f.name != "extra"]
+        """The metrics.json dict (fields left None are not written, nor fields the dict it was read from lacked)."""
+        names = list(self.ORDER) + [f.name for f in fields(self)
+                                    if f.name not in self.ORDER and f.name not in ("extra", "source_keys")]
         out: dict[str, Any] = {}
         for k in names:
+            if self.source_keys is not None and k not in self.source_keys:
+                continue
             v = getattr(self, k)
             if k in ("attacks", "baseline"):
                 v = {n: r.to_dict() for n, r in v.items()}
