@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
-import time
 from pathlib import Path
 
 import torch
 
-from splitveil import ATTACKS, Edge, Trainer, build_data, build_defenses, build_split_model, load_config, run_attack
-from splitveil.attacks import mean_image_baseline
-from splitveil.models import ModelConfig
+from splitveil.attacks import ATTACKS, mean_image_baseline
+from splitveil.experiments import load_config
+from splitveil.experiments import pipeline
+from splitveil.models import ModelConfig, build_split_model
 from splitveil.params import coerce
-from splitveil.report.figures import save_recon_grid
+from splitveil.results.figures import save_recon_grid
 from splitveil.utils import resolve_device, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,46 +71,39 @@ def main() -> None:
         name, field = key.split(".", 1)
         params[name][field] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
     names = [a for a in args.attacks.split(",") if a]
-    seed_everything(cfg.seed)
-    data = build_data(cfg.data, cfg.seed)
+    specs = {name: coerce(ATTACKS.get(name).Params, params[name], f"attacks.{name}") for name in names}
+    seeds = pipeline.Seeds(cfg.seed)
+    data, _ = pipeline.prepare_data(cfg, seeds)
     baseline = mean_image_baseline(data)
     print(f"data {data.name}: train {len(data.train)} test {len(data.test)} aux {len(data.aux)}; "
           f"mean-aux-image baseline mse {baseline['mse']:.4f}", flush=True)
     rows = []
     for sigma in [float(s) for s in args.sigmas.split(",")]:   # noise outer: partial results cover both cuts
         for cut in args.cuts.split(","):
-            seed_everything(cfg.seed)
-            mcfg = coerce(ModelConfig, {**vars(cfg.model), "cut": cut})
-            model = build_split_model(mcfg, data.num_classes, data.image_shape)
-            defenses = build_defenses({"name": "gaussian_noise", "sigma": sigma} if sigma > 0 else {"name": "none"})
-            defenses.setup(model, data, device)
-            t = time.perf_counter()
-            trainer = Trainer(model, defenses, data, cfg.train, device, seed=cfg.seed, show_progress=cfg.progress)
-            trainer.fit()
-            train_s = time.perf_counter() - t
-            acc = trainer.evaluate("test")
-            edge = Edge(model.encoder, defenses).eval()
-            for p in edge.parameters():
-                p.requires_grad_(False)
-            print(f"cut {cut} {tuple(model.feature_shape)} sigma {sigma}: accuracy {acc:.4f} (trained {train_s:.0f} s)",
-                  flush=True)
-            recon, originals = {}, None
-            for i, name in enumerate(names):
-                cls = ATTACKS.get(name)
-                attack = cls(coerce(cls.Params, params[name], f"attacks.{name}"), device=device,
-                             seed=cfg.seed + 1000 * (i + 1), show_progress=cfg.progress)
-                seed_everything(cfg.seed + 1000 * (i + 1))
-                res, x01, x_hat = run_attack(attack, edge, data, seed=cfg.seed + 7)
-                row = {"cut": cut, "feature_shape": "x".join(map(str, model.feature_shape)), "sigma": sigma,
-                       "accuracy": acc, "attack": name, "mse": res["mse"], "psnr": res["psnr"], "ssim": res["ssim"],
-                       "fit_s": res["fit_seconds"], "invert_s": res["invert_seconds"],
-                       "baseline_mse": baseline["mse"]}
-                rows.append(row)
+            # the run pipeline's stages, the data built once for every (noise, cut)
+            seed_everything(seeds.global_)
+            point = dataclasses.replace(cfg, model=coerce(ModelConfig, {**vars(cfg.model), "cut": cut}),
+                                        defense={"name": "gaussian_noise", "sigma": sigma} if sigma > 0 else {"name": "none"})
+            model = build_split_model(point.model, data.num_classes, data.image_shape)
+            prep = pipeline.Prepared(data, model, pipeline.prepare_defenses(point, model, data, device), device, seeds)
+            trained = pipeline.train(point, prep)
+            acc = trained.accuracy
+            edge = pipeline.freeze_edge(model.encoder, prep.defenses)
+            print(f"cut {cut} {tuple(model.feature_shape)} sigma {sigma}: accuracy {acc:.4f} "
+                  f"(trained {trained.train_s:.0f} s)", flush=True)
+
+            def on_result(name, res, x01, x_hat, cut=cut, sigma=sigma, acc=acc, model=model):
+                rows.append({"cut": cut, "feature_shape": "x".join(map(str, model.feature_shape)), "sigma": sigma,
+                             "accuracy": acc, "attack": name, "mse": res["mse"], "psnr": res["psnr"], "ssim": res["ssim"],
+                             "fit_s": res["fit_seconds"], "invert_s": res["invert_seconds"],
+                             "baseline_mse": baseline["mse"]})
                 print(f"  {name:22s} mse {res['mse']:.4f} psnr {res['psnr']:.2f} ssim {res['ssim']:.4f} "
                       f"fit {res['fit_seconds']:.0f} s invert {res['invert_seconds']:.0f} s", flush=True)
-                recon[name], originals = x_hat[:8], x01[:8]
                 write(rows, out, args, cfg)
-            save_recon_grid(out / f"attacks_{cut}_sigma{sigma:g}.png", originals, recon,
+
+            outcome = pipeline.attack_all(specs, edge, data, seeds, device, show_progress=cfg.progress, n_show=8,
+                                          on_result=on_result)
+            save_recon_grid(out / f"attacks_{cut}_sigma{sigma:g}.png", outcome.originals, outcome.recon,
                             f"{data.name} {cfg.model.name} cut={cut} sigma={sigma:g} acc={acc:.3f}")
 
 

@@ -52,8 +52,9 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def details(m: dict) -> str:
-    info = m.get("defense_info", {})
+def details(m) -> str:
+    """Defense facts worth a table cell (``m``: the run's RunRecord)."""
+    info = m.defense_info or {}
     p = info.get("patrol")
     parts = []
     if p:
@@ -82,8 +83,9 @@ def write_tables(rows: list[dict], out: Path, note: str) -> None:
 
 def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT / "tests"))
-    from splitveil import load_config
+    from splitveil.experiments import load_config
     from splitveil.experiments.run import run_experiment
+    from splitveil.results import RunRecord
 
     args = parse_args(argv)
     out = Path(args.out)
@@ -103,11 +105,11 @@ def main(argv=None) -> int:
             sets.append(f"device={args.device}")
         cfg = load_config(args.config, sets)
         t0 = time.perf_counter()
-        m = run_experiment(cfg, out / "defenses_runs")
-        att = m["attacks"]["inverse_network"]
-        row = {"defense": label, "accuracy": m["accuracy"], "attack_mse": att["mse"], "attack_psnr": att["psnr"],
-               "attack_ssim": att["ssim"], "encoder_flops": m["cost"]["encoder_flops"],
-               "train_s": m["timings"]["train_s"], "total_s": m["timings"]["total_s"], "epochs": cfg.train.epochs,
+        m = RunRecord.from_dict(run_experiment(cfg, out / "defenses_runs"))
+        att = m.attacks["inverse_network"]
+        row = {"defense": label, "accuracy": m.accuracy, "attack_mse": att.mse, "attack_psnr": att.psnr,
+               "attack_ssim": att.ssim, "encoder_flops": m.cost.encoder_flops,
+               "train_s": m.timings["train_s"], "total_s": m.timings["total_s"], "epochs": cfg.train.epochs,
                "train_size": cfg.data.train_size, "attack_epochs": cfg.attacks["inverse_network"].get("epochs"),
                "details": details(m)}
         rows.append(row)

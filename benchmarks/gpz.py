@@ -54,7 +54,9 @@ def main() -> int:
     import dataclasses
 
     from splitveil.experiments import config_from_dict
-    from splitveil.experiments.gpz import GPZSweep, detect_zone, with_label_form, zone_summary
+    from splitveil.experiments.gpz import GPZSweep, with_label_form
+    from splitveil.report.gpz import write_sweep, zone_summary
+    from splitveil.results.gpz import detect_zone
 
     forms = [f.strip() for f in args.forms.split(",") if f.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -67,8 +69,9 @@ def main() -> int:
         for seed in seeds:
             sweep = GPZSweep(dataclasses.replace(cfg, defense=with_label_form(cfg.defense, form), seed=seed),
                              RESULTS / "runs", probe_images=args.probe_images)
-            sweep.run(args.attack_cuts, attack=True)
+            write_sweep(sweep.run(args.attack_cuts, attack=True))
             out = sweep.run("all", attack=False)
+            write_sweep(out)
             stored = sweep.load_rows()
             rows = [stored[r["cut"]] for r in out["rows"]]
             res[form][seed] = {"accuracy": out["accuracy"], "rows": rows,

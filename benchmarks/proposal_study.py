@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from splitveil.experiments.store import ResultsStore  # noqa: E402
+from splitveil.results.store import ResultsStore  # noqa: E402
 from splitveil.report.build import build_report  # noqa: E402
 from splitveil.report.equal_utility import match_reference  # noqa: E402
 from splitveil.report.results import run_summary  # noqa: E402

@@ -436,7 +436,7 @@ def test_new_inverse_network_beats_the_old_configuration_on_real_digits(data_roo
 
 def _suite_run(tmp_path, attacks):
     """A tiny run that records, per attack, the test positions it is scored on."""
-    import splitveil.experiments.run as run_mod
+    import splitveil.experiments.pipeline as run_mod  # the stages live in the pipeline
     seen = {}
     orig = run_mod.run_attack
 

@@ -17,6 +17,7 @@ from splitveil.metrics import decision_entropy_bound, feature_entropy_bound, pro
 from splitveil.metrics.probes import bootstrap_mean_radius, intra_class_radius
 from splitveil.models import BlockModel, SplitModel, create_model
 from splitveil.params import ConfigError
+from splitveil.report.gpz import write_compare, write_sweep
 
 
 # -- probe values --------------------------------------------------------------------------------------------
@@ -230,6 +231,7 @@ def test_sweep_rows_plots_and_resume(tmp_path, data_root, monkeypatch):
     cfg = _cfg()
     sweep = GPZSweep(cfg, tmp_path, probe_images=64)
     res = sweep.run("1,4,8", attack=True)
+    write_sweep(res)      # the tables and figures (report/) of the sweep's result (experiments/)
     assert [r["cut"] for r in res["rows"]] == [1, 4, 8]
     for r in res["rows"]:
         assert r["d"] == math.prod(r["shape"]) and r["payload_bytes"] == 4 * r["d"]
@@ -292,6 +294,7 @@ def test_compare_label_forms(tmp_path, data_root):
     cfg = _cfg()
     res = run_compare(cfg, ["onehot", "ls+0.3"], tmp_path, cuts="1,8", attack=False, probe_images=64, seeds=[0, 1],
                       bootstrap=20)
+    write_compare(res)    # the tables and the overlay figure (report/)
     one, ls = res["results"]["onehot"][0], res["results"]["ls+0.3"][0]
     assert one["defense"] == "none" and ls["defense"] == "label_smoothing"
     assert one["run_dir"] != ls["run_dir"]

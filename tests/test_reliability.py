@@ -224,7 +224,7 @@ def test_unreadable_recon_file_redoes_that_attack_and_tmp_files_are_cleared(tmp_
 
 
 def test_recon_rows_are_written_before_attacks_json_marks_the_attack_done(tmp_path, monkeypatch):
-    import splitveil.experiments.run as run_mod
+    import splitveil.experiments.pipeline as run_mod  # the stages live in the pipeline
 
     cfg = digits_config()
     real = run_mod.atomic_torch_save

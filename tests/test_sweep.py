@@ -275,14 +275,14 @@ def test_ray_backend_local_cluster(tmp_path, data_root):
 
 
 def test_grouping_ablation_fields_and_plots_on_synthetic_runs():
-    from splitveil.report.aggregate import RunRecord, group_runs, varying_fields
+    from splitveil.report.aggregate import GroupedRun, group_runs, varying_fields
     from splitveil.report.plots import ablation_fields, ablation_plot, tradeoff_plot
 
     runs = []
     for sigma, acc, mse in [(0.1, 0.9, 0.01), (0.2, 0.85, 0.02), (0.4, 0.6, 0.015)]:
         for seed, d in [(0, -0.01), (1, 0.01)]:
             cfg = {"name": "x", "seed": seed, "data.name": "mnist", "defense.name": "gaussian_noise", "defense.sigma": sigma}
-            runs.append(RunRecord(f"r{sigma}-{seed}", "mnist", "vgg11_bn", "conv1", "gaussian_noise", seed, {}, cfg,
+            runs.append(GroupedRun(f"r{sigma}-{seed}", "mnist", "vgg11_bn", "conv1", "gaussian_noise", seed, {}, cfg,
                                   None, {"accuracy": acc + d, "inverse_network.mse": mse}))
     assert varying_fields(runs) == ["defense.sigma"]
     groups = group_runs(runs)

@@ -15,7 +15,7 @@ from .params import ConfigError, CorruptFileError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitveil", description="Privacy of split inference against model inversion.")
-    from . import __version__
+    from .version import __version__
 
     parser.add_argument("--version", action="version", version=f"splitveil {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -7,7 +7,6 @@ from transmitted features). ``fit_split``/``eval_split`` choose which images eac
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,6 +18,8 @@ from ..defenses import Edge
 from ..metrics import image_metrics
 from ..params import NoParams
 from ..registry import Registry
+# the worst case over a suite and the weak-attack warnings live in the results layer (re-exported here)
+from ..results.records import METRIC_DIRECTIONS, weak_attack_warnings, worst_case  # noqa: F401
 
 ATTACKS: Registry[type["Attack"]] = Registry("attack")
 log = logging.getLogger("splitveil.attacks")
@@ -145,40 +146,3 @@ def mean_image_baseline(data: DataBundle, eval_split: ImageSplit | None = None,
     eval01 = (eval_split or data.test).images.float() / 255.0
     guess = guess01.mean(0, keepdim=True).expand_as(eval01)
     return image_metrics(guess, eval01)
-
-
-# metric -> True when higher is a better reconstruction (the attacker's best is the max), False for the min
-METRIC_DIRECTIONS = {"mse": False, "psnr": True, "ssim": True, "ssim_cem": True}
-
-
-def worst_case(attacks: dict[str, dict[str, Any]], baseline: dict[str, float]) -> dict[str, Any]:
-    """The worst case over the attack suite for the defender: per metric, the attack with the best
-    reconstruction (lowest MSE, highest PSNR / SSIM) and its value; and which attacks fail to beat the
-    mean-image ``baseline`` on MSE (a failed fit must never read as privacy).
-
-    Returns ``{"mse": {"attack": name, "value": v}, "psnr": ..., "ssim": ..., ["ssim_cem": ...],
-    "weak_attacks": [names with mse >= baseline mse], "beats_baseline": bool (the best attack beats it)}``;
-    metrics absent from every attack are left out; an empty suite gives ``{}``."""
-    if not attacks:
-        return {}
-    out: dict[str, Any] = {}
-    for metric, higher in METRIC_DIRECTIONS.items():
-        vals = {n: float(r[metric]) for n, r in attacks.items() if r.get(metric) is not None and math.isfinite(float(r[metric]))}
-        if not vals:
-            continue
-        best = (max if higher else min)(vals, key=lambda n: vals[n])   # ties: the first listed attack
-        out[metric] = {"attack": best, "value": vals[best]}
-    base = float(baseline["mse"])
-    out["weak_attacks"] = [n for n, r in attacks.items() if not float(r["mse"]) < base]
-    out["beats_baseline"] = "mse" in out and out["mse"]["value"] < base
-    out["baseline_mse"] = base
-    return out
-
-
-def weak_attack_warnings(wc: dict[str, Any], attacks: dict[str, dict[str, Any]]) -> list[str]:
-    """A warning line (also logged) for every attack that does not beat the mean-image baseline."""
-    lines = [f"weak attack: '{n}' (mse {float(attacks[n]['mse']):.5f}) does not beat the mean-image baseline "
-             f"(mse {wc['baseline_mse']:.5f}); its number measures a failed fit, not privacy" for n in wc.get("weak_attacks", [])]
-    for line in lines:
-        log.warning(line)
-    return lines

@@ -33,7 +33,8 @@ class GPZCommand:
 
     @staticmethod
     def handler(args) -> int:
-        from ..experiments.gpz import SECOND_ZONE_GAP, GPZSweep, markdown_table, run_compare, zone_summary
+        from ..experiments.gpz import SECOND_ZONE_GAP, GPZSweep, run_compare
+        from ..report.gpz import markdown_table, write_compare, write_sweep, zone_summary
         from ..params import ConfigError
 
         if args.probe_images < 2:
@@ -52,6 +53,10 @@ class GPZCommand:
         if args.compare_labels:
             forms = [f.strip() for f in args.compare_labels.split(",") if f.strip()]
             res = run_compare(cfg, forms, args.out, args.cuts, attack, args.probe_images, seeds, gap, args.bootstrap)
+            for per_seed in res["results"].values():
+                for r in per_seed.values():
+                    write_sweep(r)
+            write_compare(res)
             for form, per_seed in res["results"].items():
                 for seed, r in per_seed.items():
                     print(f"## {form}, seed {seed}: accuracy {r['accuracy']:.4f}\n\n"
@@ -61,6 +66,7 @@ class GPZCommand:
             return 0
         sweep = GPZSweep(cfg, args.out, args.probe_images, args.bootstrap)
         res = sweep.run(args.cuts, attack, gap)
+        write_sweep(res)
         print(f"{res['dataset']} {res['model']} ({res['defense']}): test accuracy {res['accuracy']:.4f}\n")
         print(markdown_table(res["rows"], res["zone"]))
         print(f"\n{zone_summary(res['zone'])}")

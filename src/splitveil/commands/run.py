@@ -4,19 +4,23 @@ from __future__ import annotations
 from . import add_config_arguments, command, config_from_args
 
 
-def summary_table(m: dict) -> str:
-    lines = [f"run {m['run_id']}",
-             f"dataset {m['dataset']}  model {m['model']}  cut {m['cut']} {tuple(m['feature_shape'])}  "
-             f"defense {m['defense']}  seed {m['seed']}",
-             "", "| metric | value |", "|---|---|", f"| accuracy | {m['accuracy']:.4f} |"]
-    for name, r in m["attacks"].items():
-        lines += [f"| {name} MSE | {r['mse']:.5f} +- {r['mse_std']:.5f} |", f"| {name} PSNR (dB) | {r['psnr']:.2f} |",
-                  f"| {name} SSIM | {r['ssim']:.4f} |"]
-    lines.append(f"| mean-image baseline MSE | {m['baseline']['mean_image']['mse']:.5f} |")
-    c = m["cost"]
-    lines += [f"| encoder params | {c['encoder_params']:,} |", f"| encoder FLOPs / image | {c['encoder_flops']:,} |",
-              f"| encoder latency / image (ms) | {c['latency_ms']:.3f} |", f"| payload / image (bytes) | {c['payload_bytes']:,} |",
-              f"| wall time (s) | {m['timings']['total_s']:.1f} |"]
+def summary_table(m) -> str:
+    """The run's summary as a markdown table; ``m``: its metrics (a dict as in metrics.json, or a RunRecord)."""
+    from ..results import RunRecord
+
+    r = m if isinstance(m, RunRecord) else RunRecord.from_dict(m)
+    lines = [f"run {r.run_id}",
+             f"dataset {r.dataset}  model {r.model}  cut {r.cut} {tuple(r.feature_shape or ())}  "
+             f"defense {r.defense}  seed {r.seed}",
+             "", "| metric | value |", "|---|---|", f"| accuracy | {r.accuracy:.4f} |"]
+    for name, a in r.attacks.items():
+        lines += [f"| {name} MSE | {a.mse:.5f} +- {a.mse_std:.5f} |", f"| {name} PSNR (dB) | {a.psnr:.2f} |",
+                  f"| {name} SSIM | {a.ssim:.4f} |"]
+    lines.append(f"| mean-image baseline MSE | {r.baseline_mse:.5f} |")
+    c = r.cost
+    lines += [f"| encoder params | {c.encoder_params:,} |", f"| encoder FLOPs / image | {c.encoder_flops:,} |",
+              f"| encoder latency / image (ms) | {c.latency_ms:.3f} |", f"| payload / image (bytes) | {c.payload_bytes:,} |",
+              f"| wall time (s) | {r.timings['total_s']:.1f} |"]
     return "\n".join(lines)
 
 

@@ -8,16 +8,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..experiments.store import ResultsStore
-from .results import run_flags, run_summary
+from ..results.records import IMAGE_METRICS, RunRecord
+from ..results.store import open_store, results_paths
+from .results import run_summary
 
 # config fields that never define a group (seeds are what a group averages over)
 IGNORED_FIELDS = {"name", "seed", "progress", "device", "data.root", "data.cache", "defense.name"}
-IMAGE_METRICS = ("mse", "psnr", "ssim")
 
 
 @dataclass
-class RunRecord:
+class GroupedRun:
+    """One finished run as the report groups it: its typed record (``record``), flattened config and flat numeric
+    values."""
     run_id: str
     dataset: str
     model: str
@@ -32,6 +34,11 @@ class RunRecord:
     worst_attack: dict[str, str | None] = field(default_factory=dict)  # metric -> attack giving the worst case
     name: str = ""
 
+    @property
+    def record(self) -> RunRecord:
+        """The run's metrics as a typed record."""
+        return RunRecord.from_dict(self.metrics)
+
 
 @dataclass
 class Group:
@@ -40,7 +47,7 @@ class Group:
     cut: str
     defense: str
     params: dict[str, Any]              # the varied fields (besides defense and seed) that define this group
-    runs: list[RunRecord] = field(default_factory=list)
+    runs: list[GroupedRun] = field(default_factory=list)
     label_fields: list[str] | None = None   # fields named in ``label`` (default: all params); the report sets
                                             # the ones that vary within a dataset section
 
@@ -109,37 +116,27 @@ def flatten_config(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _results_folder(results: str | Path) -> tuple[Path, Path]:
-    path = Path(results)
-    if path.is_dir():
-        return path, path / "results.sqlite"
-    return path.parent, path
-
-
-def load_runs(results: str | Path) -> list[RunRecord]:
+def load_runs(results: str | Path) -> list[GroupedRun]:
     """Every finished run of a store, with its flattened config and numeric metrics."""
-    folder, db = _results_folder(results)
-    if not db.exists():
-        raise FileNotFoundError(f"no results store at {db} (run `splitveil run ... --out {folder}` first)")
+    folder, _ = results_paths(results)
     out = []
-    for row in ResultsStore(db).runs("finished"):
-        m = row.get("metrics") or {}
+    for row in open_store(results).runs("finished"):
+        rec = RunRecord.from_dict(row.get("metrics"))
         flat = run_summary(row)
         values = {k: float(v) for k, v in flat.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("seed",)}
-        worst = {k[len("worst."):-len(".attack")]: v for k, v in flat.items()
-                 if k.startswith("worst.") and k.endswith(".attack")}
+        worst = {k: rec.worst().best(k)[0] for k in IMAGE_METRICS}
         run_dir = folder / row["run_id"]
         if not run_dir.exists() and row.get("run_dir"):
             run_dir = Path(row["run_dir"])
-        out.append(RunRecord(row["run_id"], m.get("dataset", row["dataset"]), m.get("model", row["model"]),
-                             str(m.get("cut", row["cut"])), m.get("defense", row["defense"]), int(row["seed"]), m,
-                             flatten_config(row.get("config") or {}), run_dir if run_dir.exists() else None, values,
-                             run_flags(m), worst, row.get("name") or ""))
+        out.append(GroupedRun(row["run_id"], rec.dataset or row["dataset"], rec.model or row["model"],
+                              str(rec.cut if rec.cut is not None else row["cut"]), rec.defense or row["defense"],
+                              int(row["seed"]), row.get("metrics") or {}, flatten_config(row.get("config") or {}),
+                              run_dir if run_dir.exists() else None, values, rec.run_flags(), worst, row.get("name") or ""))
     return out
 
 
-def varying_fields(runs: list[RunRecord]) -> list[str]:
+def varying_fields(runs: list[GroupedRun]) -> list[str]:
     """Config fields (besides seed, name, device, data root and defense names) that differ between runs."""
     keys: list[str] = []
     for r in runs:
@@ -154,7 +151,7 @@ def varying_fields(runs: list[RunRecord]) -> list[str]:
     return out
 
 
-def group_runs(runs: list[RunRecord], fields: list[str] | None = None) -> list[Group]:
+def group_runs(runs: list[GroupedRun], fields: list[str] | None = None) -> list[Group]:
     """Runs that differ only in their seed form one group; groups are ordered by dataset, defense, params."""
     fields = varying_fields(runs) if fields is None else fields
     groups: dict[str, Group] = {}
@@ -178,14 +175,14 @@ def group_runs(runs: list[RunRecord], fields: list[str] | None = None) -> list[G
     return sorted(groups.values(), key=order)
 
 
-def attack_names(runs: list[RunRecord]) -> list[str]:
+def attack_names(runs: list[GroupedRun]) -> list[str]:
     names: list[str] = []
     for r in runs:
-        names += [a for a in (r.metrics.get("attacks") or {}) if a not in names]
+        names += [a for a in r.record.attacks if a not in names]
     return names
 
 
-def primary_attack(runs: list[RunRecord], requested: str | None = None) -> str | None:
+def primary_attack(runs: list[GroupedRun], requested: str | None = None) -> str | None:
     """The privacy axis: ``worst`` (the worst case over the attack suite; the default) or a named attack."""
     names = attack_names(runs)
     if requested in (None, "worst") and any(r.values.get("worst.mse") is not None for r in runs):
@@ -207,3 +204,4 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
         if not dominated:
             front.append(i)
     return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
+

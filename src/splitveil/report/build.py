@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .aggregate import IGNORED_FIELDS, Group, RunRecord, attack_names, group_runs, load_runs, primary_attack, varying_fields
+from ..results.records import IMAGE_METRICS, EdgeCost
+from ..results.store import results_paths
+from .aggregate import IGNORED_FIELDS, Group, GroupedRun, attack_names, group_runs, load_runs, primary_attack, varying_fields
 from .equal_utility import WORST, GainAnalysis, analyse_groups, context_key, match_reference
 from .plots import ablation_fields, ablation_plot, cost_figure, recon_comparison, render, tradeoff_figure
 from .results import flag_text
@@ -52,7 +54,7 @@ class DatasetSection:
 @dataclass
 class Report:
     title: str
-    runs: list[RunRecord]
+    runs: list[GroupedRun]
     sections: list[DatasetSection]
     attack: str | None                  # the privacy axis: "worst" (worst case over the attacks) or an attack
     records: list[dict[str, Any]]       # every run of the store (flat), any status
@@ -84,7 +86,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
 
 
-def fixed_settings(runs: list[RunRecord]) -> dict[str, Any]:
+def fixed_settings(runs: list[GroupedRun]) -> dict[str, Any]:
     """Config fields with one value across ``runs`` (the run group's fixed settings: data sizes, training
     budget, attack budget, ...), without bookkeeping fields."""
     if not runs:
@@ -98,7 +100,7 @@ def fixed_settings(runs: list[RunRecord]) -> dict[str, Any]:
     return out
 
 
-def attack_budget(runs: list[RunRecord]) -> dict[str, str]:
+def attack_budget(runs: list[GroupedRun]) -> dict[str, str]:
     """Attack name -> its settings in these runs (``epochs=4 batch_size=64 ...``; several when they differ)."""
     out: dict[str, list[str]] = {}
     for r in runs:
@@ -194,10 +196,9 @@ def build(results: str | Path, attack: str | None = None, figures: bool = True, 
             if png:
                 sec.figures.append(Figure(f"recon_{_slug(ds)}.png", f"{ds}: reconstructions per defense", png))
         sections.append(sec)
-    folder = Path(results) if Path(results).is_dir() else Path(results).parent
-    full = ["accuracy", "worst.mse", "worst.psnr", "worst.ssim"] + \
-        [f"{a}.{m}" for a in names for m in ("mse", "psnr", "ssim")] + ["mean_image.mse"] + \
-        ["encoder_params", "encoder_flops", "latency_ms", "payload_bytes", "train_s"]
+    folder, _ = results_paths(results)
+    full = ["accuracy"] + [f"worst.{m}" for m in IMAGE_METRICS] + \
+        [f"{a}.{m}" for a in names for m in IMAGE_METRICS] + ["mean_image.mse"] + list(EdgeCost.KEYS) + ["train_s"]
     full = [m for m in full if any(g.stat(m)[0] is not None for g in groups)]
     return Report(f"splitveil report: {folder.name or folder}", runs, sections, attack, records, refs, n_boot, full)
 
@@ -502,7 +503,7 @@ def build_report(results: str | Path, formats: list[str] | tuple[str, ...] = FOR
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise ValueError(f"unknown report format '{bad[0]}'; valid: {', '.join(FORMATS)}")
-    folder = Path(out) if out else (Path(results) if Path(results).is_dir() else Path(results).parent)
+    folder = Path(out) if out else results_paths(results)[0]
     folder.mkdir(parents=True, exist_ok=True)
     rep = build(results, attack, figures=("md" in formats or "html" in formats), references=references, n_boot=n_boot,
                 seed=seed)

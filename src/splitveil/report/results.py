@@ -15,67 +15,48 @@ Every accessor accepts metrics written before a key existed (old run folders sti
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-# metric -> True when a higher value means a better reconstruction (a stronger attack)
-IMAGE_METRICS = {"mse": False, "psnr": True, "ssim": True}
+from ..results.records import IMAGE_METRICS as IMAGE_METRICS_LIST
+from ..results.records import METRIC_DIRECTIONS, EdgeCost, RunRecord, finite, flag_text  # noqa: F401  (flag_text re-exported)
+from ..results.store import open_store
+
+# the metrics every attack reports (one list, in the results layer)
+IMAGE_METRICS = {m: METRIC_DIRECTIONS[m] for m in IMAGE_METRICS_LIST}
 DIAGNOSTIC_KEYS = ("feature_std", "snr", "within_var_over_tau", "between_within_ratio")
-FLAG_TEXT = {"weak_attack": "weak attack", "chance_accuracy": "chance accuracy"}
 # the strength parameter(s) that tell two settings of a defense apart, always shown beside its name
 KEY_PARAMS = {"gaussian_noise": ("sigma",), "dropout": ("rate",), "nopeek": ("alpha",), "label_smoothing": ("alpha",),
               "patrol": ("amount",), "noise_arl": ("weight",), "topk_prune": ("fraction",), "cem_gmm": ("lambda",),
               "cem_slot_cross": ("lambda",), "cem_gated_pool": ("lambda",)}
 
 
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+_finite = finite
 
 
-def worst_case(metrics: dict[str, Any], metric: str = "mse") -> tuple[str | None, float | None]:
+def as_record(metrics: dict[str, Any] | RunRecord) -> RunRecord:
+    return metrics if isinstance(metrics, RunRecord) else RunRecord.from_dict(metrics)
+
+
+def worst_case(metrics: dict[str, Any] | RunRecord, metric: str = "mse") -> tuple[str | None, float | None]:
     """(attack, value) of the strongest attack of a run for ``metric`` (lowest MSE, highest PSNR / SSIM).
 
     Read from ``metrics["worst_case"][metric]`` when recorded, else computed over ``metrics["attacks"]``."""
     if metric not in IMAGE_METRICS:
         raise ValueError(f"worst case of '{metric}': expected one of {', '.join(IMAGE_METRICS)}")
-    rec = (metrics.get("worst_case") or {}).get(metric)
-    if isinstance(rec, dict) and _finite(rec.get("value")):
-        return rec.get("attack"), float(rec["value"])
-    best: tuple[str | None, float | None] = (None, None)
-    higher = IMAGE_METRICS[metric]
-    for name, res in (metrics.get("attacks") or {}).items():
-        v = (res or {}).get(metric)
-        if not _finite(v):
-            continue
-        if best[1] is None or (v > best[1] if higher else v < best[1]):
-            best = (name, float(v))
-    return best
+    return as_record(metrics).worst_metric(metric)
 
 
-def weak_attacks(metrics: dict[str, Any]) -> list[str]:
+def weak_attacks(metrics: dict[str, Any] | RunRecord) -> list[str]:
     """Attacks of the run that do not beat the mean-aux-image baseline on MSE (recorded in
     ``worst_case.weak_attacks``, else computed from ``attacks`` and ``baseline``)."""
-    wc = metrics.get("worst_case") or {}
-    if isinstance(wc.get("weak_attacks"), list):
-        return [str(a) for a in wc["weak_attacks"]]
-    base = ((metrics.get("baseline") or {}).get("mean_image") or {}).get("mse")
-    if not _finite(base):
-        return []
-    return [n for n, r in (metrics.get("attacks") or {}).items() if _finite((r or {}).get("mse")) and r["mse"] >= base]
+    return as_record(metrics).weak_attacks()
 
 
-def run_flags(metrics: dict[str, Any]) -> list[str]:
+def run_flags(metrics: dict[str, Any] | RunRecord) -> list[str]:
     """The run's flags: ``metrics["flags"]`` plus ``weak_attack`` when any attack of the suite does not beat the
     mean-image baseline (``metrics["weak_attack"]``, ``worst_case.weak_attacks``, or computed for old runs)."""
-    flags = [str(f) for f in metrics.get("flags") or [] if isinstance(f, str)]
-    if "weak_attack" not in flags and (metrics.get("weak_attack") is True or weak_attacks(metrics)):
-        flags.append("weak_attack")
-    return flags
-
-
-def flag_text(flags: list[str]) -> str:
-    return ", ".join(FLAG_TEXT.get(f, f.replace("_", " ")) for f in flags)
+    return as_record(metrics).run_flags()
 
 
 # metrics["defense_diagnostics"][<defense>] key -> the report's name
@@ -137,40 +118,37 @@ def run_summary(row: dict[str, Any]) -> dict[str, Any]:
     """One finished store row -> one flat record: defense, its parameters, seed, accuracy, every attack's
     MSE / PSNR / SSIM, the worst case (value and attack), flags, baseline, CEM diagnostics and edge cost."""
     m = row.get("metrics") or {}
+    run = RunRecord.from_dict(m)
     cfg = row.get("config") or {}
     rec: dict[str, Any] = {"run_id": row.get("run_id"), "name": row.get("name"), "status": row.get("status"),
-                           "dataset": m.get("dataset", row.get("dataset")), "model": m.get("model", row.get("model")),
-                           "cut": str(m.get("cut", row.get("cut"))), "defense": m.get("defense", row.get("defense")),
+                           "dataset": run.dataset or row.get("dataset"), "model": run.model or row.get("model"),
+                           "cut": str(run.cut if run.cut is not None else row.get("cut")),
+                           "defense": run.defense or row.get("defense"),
                            "defense_params": json.dumps(defense_params(m, cfg), sort_keys=True),
                            "defense_desc": defense_description(m, cfg), "seed": row.get("seed"),
-                           "accuracy": m.get("accuracy", row.get("accuracy"))}
-    for name, res in (m.get("attacks") or {}).items():
-        for k in ("mse", "psnr", "ssim", "n_images"):
-            rec[f"{name}.{k}"] = (res or {}).get(k)
+                           "accuracy": run.accuracy if "accuracy" in m else row.get("accuracy")}
+    for name, res in run.attacks.items():
+        for k in (*IMAGE_METRICS, "n_images"):
+            rec[f"{name}.{k}"] = getattr(res, k)
+    worst = run.worst()
     for k in IMAGE_METRICS:
-        a, v = worst_case(m, k)
-        rec[f"worst.{k}"], rec[f"worst.{k}.attack"] = v, a
-    rec["flags"] = flag_text(run_flags(m))
-    rec["weak_attacks"] = " ".join(weak_attacks(m))
-    rec["mean_image.mse"] = ((m.get("baseline") or {}).get("mean_image") or {}).get("mse")
+        rec[f"worst.{k}"], rec[f"worst.{k}.attack"] = worst.best(k)[::-1]
+    rec["flags"] = flag_text(run.run_flags())
+    rec["weak_attacks"] = " ".join(worst.weak_attacks or [])
+    base = run.baseline.get("mean_image")
+    rec["mean_image.mse"] = base.mse if base else None
     for k, v in cem_diagnostics(m).items():
         rec[f"cem.{k}"] = v
-    for k in ("encoder_params", "encoder_flops", "latency_ms", "payload_bytes"):
-        rec[k] = (m.get("cost") or {}).get(k)
-    rec["train_s"] = (m.get("timings") or {}).get("train_s")
+    cost = run.cost or EdgeCost()
+    for k in EdgeCost.KEYS:
+        rec[k] = getattr(cost, k)
+    rec["train_s"] = (run.timings or {}).get("train_s")
     return rec
 
 
 def load_records(out: str | Path, status: str | None = "finished") -> list[dict[str, Any]]:
     """``run_summary`` of every run of a store (``out``: a runs folder or its ``results.sqlite``)."""
-    from ..experiments.store import ResultsStore
-
-    path = Path(out)
-    if path.is_dir():
-        path = path / "results.sqlite"
-    if not path.exists():
-        raise FileNotFoundError(f"no results store at {path} (run `splitveil run ... --out {path.parent}` first)")
-    return [run_summary(r) for r in ResultsStore(path).runs(status)]
+    return [run_summary(r) for r in open_store(out).runs(status)]
 
 
 def load_results(out: str | Path, status: str | None = "finished"):

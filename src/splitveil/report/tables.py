@@ -6,11 +6,12 @@ import io
 from pathlib import Path
 from typing import Any
 
-from ..experiments.store import ResultsStore
+from ..results.records import EdgeCost
+from ..results.store import open_store, results_paths
 from .results import run_summary
 
 BASE_COLUMNS = ["run_id", "status", "dataset", "model", "cut", "defense", "seed", "accuracy"]
-COST_COLUMNS = ["encoder_params", "encoder_flops", "latency_ms", "payload_bytes"]
+COST_COLUMNS = list(EdgeCost.KEYS)
 # the printed / report.md per-run table (report.csv keeps every column)
 DEFAULT_COLUMNS = ["run_id", "status", "name", "dataset", "defense", "seed", "accuracy", "worst MSE", "worst attack",
                    "worst PSNR", "worst SSIM", "mean-image MSE", "flags"]
@@ -31,12 +32,8 @@ def default_view(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def collect(results: str | Path, status: str | None = None) -> list[dict[str, Any]]:
-    path = Path(results)
-    if path.is_dir():
-        path = path / "results.sqlite"
-    if not path.exists():
-        raise FileNotFoundError(f"no results store at {path} (run `splitveil run ... --out {path.parent}` first)")
-    return [flatten_run(r) for r in ResultsStore(path).runs(status)]
+    """``flatten_run`` of every run of a store (``results``: a runs folder or its ``results.sqlite``)."""
+    return [flatten_run(r) for r in open_store(results).runs(status)]
 
 
 def columns(records: list[dict[str, Any]]) -> list[str]:
@@ -88,7 +85,7 @@ def write_report(results: str | Path) -> tuple[str, Path, Path]:
     """Write ``report.md`` (the narrow per-run table, DEFAULT_COLUMNS) and ``report.csv`` (every column) beside
     the store; returns (markdown, md path, csv path)."""
     records = collect(results)
-    folder = Path(results) if Path(results).is_dir() else Path(results).parent
+    folder, _ = results_paths(results)
     cols = columns(records) if records else BASE_COLUMNS
     md = to_markdown(default_view(records), DEFAULT_COLUMNS)
     md_path, csv_path = folder / "report.md", folder / "report.csv"
