@@ -18,7 +18,8 @@ from ..params import require
 from .base import ATTACKS
 from .blocks import (AttentionAsConv, FeatureEnhancer, LargeKernelAttention, MultiHeadSelfAttention,
                      MultiScaleChannelAttention, SqueezeExcitation)
-from .inverse_network import InverseNetworkAttack, InverseNetworkParams, InversionDecoder, auto_width
+from ..models.decoder import InversionDecoder, auto_width
+from .inverse_network import InverseNetworkAttack, InverseNetworkParams
 
 
 @dataclass

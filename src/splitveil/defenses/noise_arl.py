@@ -12,7 +12,7 @@ The term is the decoder's PSNR in bels, ``-log10 MSE(decoder(z), x)`` (objective
 gradient does not vanish as the decoder gets good), ``-MSE(decoder(z), x)`` (objective ``mse``: reward the
 decoder's error directly) or ``relu(SSIM(decoder(z), x) - ssim_threshold)`` (objective ``ssim``: penalise a
 similarity above a threshold, as in ResSFL-style attacker-aware training).
-The decoder is :class:`splitveil.attacks.inverse_network.InversionDecoder`, the attack's architecture."""
+The decoder is :class:`splitveil.models.decoder.InversionDecoder`, the decoder attacks' architecture."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..metrics.image import ssim_per_image
+from ..models.decoder import InversionDecoder
 from ..params import ConfigError, require
 from .base import DEFENSES, Defense, StepContext
 
@@ -53,8 +54,6 @@ class NoiseARL(Defense):
     Params = NoiseARLParams
 
     def setup(self, model, data, device) -> None:
-        from ..attacks.inverse_network import InversionDecoder   # here: attacks import defenses at load time
-
         p = self.params
         self.feature_shape = tuple(model.feature_shape)
         self.decoder = InversionDecoder(self.feature_shape, data.image_shape, p.channels, p.activation).to(device)
