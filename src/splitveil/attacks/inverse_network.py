@@ -77,7 +77,6 @@ class InverseNetworkAttack(Attack):
     (objective); the fitting loop (``train_epochs``), held-out epoch selection, budgets and per-epoch
     checkpoints are shared."""
 
-    name = "inverse_network"
     Params = InverseNetworkParams
 
     def _test_parts(self, data: DataBundle) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,13 +50,14 @@ class NoiseARLParams:
 @DEFENSES.register("noise_arl", "adversarial representation learning: a simulated inversion decoder is trained "
                                 "alongside; the encoder keeps its reconstruction poor (params: weight, objective)")
 class NoiseARL(Defense):
-    name = "noise_arl"
     Params = NoiseARLParams
 
-    def setup(self, model, data, device) -> None:
-        p = self.params
-        self.feature_shape = tuple(model.feature_shape)
-        self.decoder = InversionDecoder(self.feature_shape, data.image_shape, p.channels, p.activation).to(device)
+    needs_fixed_features = True   # the simulated decoder is built for the feature shape at setup
+
+    def setup(self, ctx) -> None:
+        p, data = self.params, ctx.data
+        self.feature_shape = tuple(ctx.model.feature_shape)
+        self.decoder = InversionDecoder(self.feature_shape, data.image_shape, p.channels, p.activation).to(ctx.device)
         self.optimizer = torch.optim.Adam(self.decoder.parameters(), lr=p.decoder_lr)
         self._denormalize = data.denormalize
         self.decoder_mse: list[float] = []   # per epoch: mean MSE of the decoder on the training features
@@ -87,7 +88,7 @@ class NoiseARL(Defense):
         x_hat = self.decoder(step.z_sent)
         return {"adv": self.params.weight * self.privacy_term(x_hat, self._denormalize(step.x))}
 
-    def after_step(self, step: StepContext, trainer) -> None:
+    def after_step(self, step: StepContext, ctx) -> None:
         for q in self.decoder.parameters():
             q.requires_grad_(True)
         self._check(step.z_sent)
@@ -102,10 +103,10 @@ class NoiseARL(Defense):
                 self._sum += float(loss.detach())
                 self._n += 1
 
-    def on_epoch_start(self, trainer, epoch: int) -> None:
+    def on_epoch_start(self, ctx, epoch: int) -> None:
         self._sum, self._n = 0.0, 0
 
-    def on_epoch_end(self, trainer, epoch: int) -> None:
+    def on_epoch_end(self, ctx, epoch: int) -> None:
         if self._n:
             self.decoder_mse.append(self._sum / self._n)
 
