@@ -378,3 +378,64 @@ def test_layers_defenses_do_not_import_attacks_and_the_decoder_lives_in_models()
     from splitveil.models.decoder import InversionDecoder
 
     assert A is InversionDecoder and noise_arl.InversionDecoder is InversionDecoder
+
+
+# -- behaviour unchanged -----------------------------------------------------------------------------------------
+# One tiny run per defense family (digits, 1 torch thread), and the numbers the code before the typed specs and
+# the defense context gave for them (commit db8b1ff, same machine: bitwise equal there; the tolerance is for
+# other CPUs). A changed seed, hook order, setup or optimizer rebuild moves these by far more.
+FAMILY_BASE = {"name": "fam", "seed": 0, "device": "cpu", "progress": False, "threads": 1,
+               "data": {"name": "digits", "train_size": 256, "test_size": 64, "aux_size": 64},
+               "model": {"name": "vgg11_bn", "width": 0.125, "cut": 2},
+               "train": {"epochs": 2, "batch_size": 64, "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0},
+               "attacks": {"inverse_network": {"epochs": 1, "batch_size": 32, "channels": 8, "blocks": 1}},
+               "eval": {"latency_repeats": 1, "latency_batch": 4, "recon_images": 2}}
+FAMILIES = {
+    "none": {"name": "none"},
+    "baselines": {"name": ["dropout", "topk_prune", "nopeek", "label_smoothing"], "rate": 0.1, "fraction": 0.2,
+                  "nopeek": {"alpha": 0.5}, "label_smoothing": {"alpha": 0.1}},
+    "noise_arl": {"name": ["gaussian_noise", "noise_arl"], "sigma": 0.1, "noise_arl": {"pretrain_epochs": 1, "channels": 8}},
+    "cem_gmm_patrol": {"name": ["gaussian_noise", "patrol", "cem_gmm"], "sigma": 0.05, "lambda": 1.0, "prune_output": True, "k": 2},
+    "cem_slot": {"name": ["gaussian_noise", "cem_slot_cross"], "sigma": 0.05, "lambda": 1.0, "cem_slot_cross": {"shutoff_steps": 0, "warmup_epochs": 1}},
+    "cem_pool": {"name": "cem_gated_pool", "sigma": 0.05, "noise": True, "lambda": 1.0},
+}
+FAMILY_EXPECTED = {'baselines': {'accuracy': 0.078125,
+               'attack_mse': {'inverse_network': 0.1375191794478249},
+               'losses': [{'loss.nopeek.dcor': 0.4818216785788536, 'loss.task': 2.2771162390708923},
+                          {'loss.nopeek.dcor': 0.4840966463088989, 'loss.task': 1.4580380022525787}]},
+ 'cem_gmm_patrol': {'accuracy': 0.078125,
+                    'attack_mse': {'inverse_network': 0.14092756302062984},
+                    'losses': [{'loss.cem_gmm.L_C': 0.0, 'loss.task': 2.17501500248909},
+                               {'loss.cem_gmm.L_C': 0.0, 'loss.task': 1.4824661612510681}]},
+ 'cem_pool': {'accuracy': 0.078125,
+              'attack_mse': {'inverse_network': 0.13617304070936434},
+              'losses': [{'loss.task': 2.1198385655879974}, {'loss.task': 1.0836585760116577}]},
+ 'cem_slot': {'accuracy': 0.078125,
+              'attack_mse': {'inverse_network': 0.13609930715110444},
+              'losses': [{'loss.cem_slot_cross.fit': 0.12372522056102753, 'loss.task': 2.143473297357559},
+                         {'loss.cem_slot_cross.L_C': 0.7794746905565262,
+                          'loss.cem_slot_cross.fit': 0.06787624955177307,
+                          'loss.task': 1.1974498331546783}]},
+ 'noise_arl': {'accuracy': 0.078125,
+               'attack_mse': {'inverse_network': 0.1361584342348198},
+               'losses': [{'loss.task': 2.147103726863861},
+                          {'loss.noise_arl.adv': 1.2902026772499084, 'loss.task': 1.1207749396562576}]},
+ 'none': {'accuracy': 0.078125,
+          'attack_mse': {'inverse_network': 0.13698292724480968},
+          'losses': [{'loss.task': 2.121574640274048}, {'loss.task': 1.0885186791419983}]}}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_one_run_of_each_defense_family_gives_the_numbers_of_before(family, tmp_path):
+    from splitveil.experiments.run import run_experiment
+
+    cfg = config_from_dict({**FAMILY_BASE, "name": f"fam-{family}", "defense": FAMILIES[family]})
+    m = run_experiment(cfg, tmp_path)
+    want = FAMILY_EXPECTED[family]
+    assert m["accuracy"] == pytest.approx(want["accuracy"], abs=1e-9)
+    got_losses = [{k: v for k, v in h.items() if k.startswith("loss.")} for h in m["history"]]
+    assert [sorted(h) for h in got_losses] == [sorted(h) for h in want["losses"]]
+    for g, w in zip(got_losses, want["losses"]):
+        for k in w:
+            assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-7), (family, k)
+    assert {k: v["mse"] for k, v in m["attacks"].items()} == pytest.approx(want["attack_mse"], rel=1e-4)
