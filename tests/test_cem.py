@@ -569,8 +569,10 @@ def test_cem_composes_with_baselines(tmp_path, data_root):
     from splitveil.experiments.run import run_experiment
 
     fast = {"data.train_size": 128, "data.test_size": 32, "data.aux_size": 32, "train.epochs": 2,
-            "attacks": {}, "defense.sigma": 0.1, "defense.warmup_epochs": 0,
-            "defense.cem_slot_cross": {"shutoff_steps": 0}}
+            "attacks": {}, "defense.sigma": 0.1,   # sigma: shared by the noise and every CEM variant by design
+            # warmup_epochs is declared by every CEM variant: a flat key would be ambiguous, so per variant
+            **{f"defense.{v}": {"warmup_epochs": 0} for v in VARIANTS},
+            "defense.cem_slot_cross": {"shutoff_steps": 0, "warmup_epochs": 0}}
     names = ["gaussian_noise", *BASELINES, *VARIANTS]
     m = run_experiment(tiny_config(**fast, **{"defense.name": "[" + ", ".join(names) + "]"}), tmp_path)
     assert m["status"] == "finished"

@@ -10,7 +10,7 @@ import yaml
 from conftest import tiny_config
 from torch import nn
 
-from splitveil.attacks.inverse_network import InversionDecoder, token_grid
+from splitveil.models.decoder import InversionDecoder, token_grid
 from splitveil.experiments.gpz import (GPZSweep, detect_zone, label_form_defense, paper_fidelity_threshold, paper_zone,
                                       parse_cuts, run_compare, with_label_form)
 from splitveil.metrics import decision_entropy_bound, feature_entropy_bound, probe_values
@@ -214,7 +214,7 @@ def test_vit_blocks_tokens_and_token_decoder():
     T, d = 65, 32
     assert f2 - f1 == 2 * T * d * 3 * d + 2 * T * d * d + 2 * 2 * T * T * d + 2 * 2 * T * d * 2 * d
     # patch tokens are laid out as the image's patch grid: token 1 + i*8 + j is patch (i, j)
-    from splitveil.attacks.inverse_network import TokensToMap
+    from splitveil.models.decoder import TokensToMap
     t = torch.arange(65, dtype=torch.float32).view(1, 65, 1).expand(1, 65, 2)
     grid = TokensToMap(65, 8)(t)
     assert grid.shape == (1, 2, 8, 8) and grid[0, 0, 2, 3] == 1 + 2 * 8 + 3

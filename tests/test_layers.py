@@ -21,14 +21,7 @@ LAYERS = {
 
 # imports that break the rule today, each with its reason; the test fails when one is no longer there (then drop
 # it from this list), so the list only shrinks
-KNOWN_EXCEPTIONS = {
-    # the create_attack / create_defense factories sit in the registry and import up lazily; issue 15's factory and
-    # plug-in part gives each kind its own factory in its package
-    ("splitveil.registry", "splitveil.attacks"): "create_attack lives in registry.py",
-    ("splitveil.registry", "splitveil.defenses"): "create_defense lives in registry.py",
-    # a cycle within one layer: noise_arl's simulated decoder is the attacks' inversion decoder (a lazy import);
-    # issue 15 moves the shared decoder to models/
-    ("splitveil.defenses.noise_arl", "splitveil.attacks.inverse_network"): "the shared decoder lives in attacks/",
+KNOWN_EXCEPTIONS: dict = {
 }
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from splitveil.experiments import ray_security
+from splitveil.experiments.sweep.backends import ray_security
 from splitveil.params import ConfigError
 
 

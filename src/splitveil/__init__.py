@@ -25,7 +25,7 @@ _API = {
     "MODELS": ".models", "ModelConfig": ".models", "build_split_model": ".models", "create_model": ".models",
     "split": ".models",
     "ConfigError": ".params",
-    "create_attack": ".registry", "create_defense": ".registry",
+    "create_attack": ".attacks", "create_defense": ".defenses",
     "TrainConfig": ".training", "Trainer": ".training",
 }
 

@@ -59,6 +59,9 @@ def _coerce_value(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         return dict(value)
+    from_config = getattr(tp, "from_config", None) if isinstance(tp, type) else None
+    if from_config is not None:   # a typed block that validates itself (the defense and attack specs)
+        return from_config(value, path)
     if dataclasses.is_dataclass(tp):
         return coerce(tp, value, path)
     if tp is bool:
@@ -151,3 +154,17 @@ def require(cond: bool, field: str, message: str) -> None:
 @dataclasses.dataclass
 class NoParams:
     """Parameter block of a component that takes none."""
+
+
+def params_from(cls: type, params: Any, values: Mapping[str, Any], path: str, factory: str) -> Any:
+    """The validated ``cls.Params`` of a component built as ``cls(params)`` or ``cls(**values)``."""
+    if values:
+        if params is not None:
+            raise TypeError(f"{cls.__name__}: give the parameters either as one Params object or as keywords, "
+                            f"not both (or use {factory}(name, **params))")
+        params = dict(values)
+    if params is None:
+        return cls.Params()
+    if isinstance(params, Mapping):
+        return coerce(cls.Params, params, path)
+    return params   # a Params object (or a compatible one: the caller's choice)

@@ -25,25 +25,43 @@ def did_you_mean(name: str, known: list[str]) -> str:
 
 
 class Registry(Generic[T]):
-    """Maps registry names to objects (classes or factories) with a one-line description each."""
+    """Maps registry names to objects (classes or factories) with a one-line description each.
+
+    A plug-in's name is written once: ``@DEFENSES.register("my_noise", "one line")`` also sets the class's
+    ``name`` attribute (a class that spells its own ``name`` differently is refused). Names from installed
+    packages' entry points (group ``splitveil.plugins``) are loaded the first time a registry is asked for a
+    name it does not have, or for its list."""
 
     def __init__(self, kind: str):
         self.kind = kind
         self._items: dict[str, T] = {}
         self._docs: dict[str, str] = {}
 
-    def register(self, name: str, description: str | None = None) -> Callable[[T], T]:
+    def register(self, name: str | None = None, description: str | None = None) -> Callable[[T], T]:
         def deco(obj: T) -> T:
-            if name in self._items:
-                raise ValueError(f"{self.kind} '{name}' is registered twice")
-            self._items[name] = obj
+            key = name if name is not None else getattr(obj, "name", "")
+            if not key or not isinstance(key, str):
+                raise ValueError(f"{self.kind} {obj!r}: register it under a name, e.g. @register(\"my_{self.kind}\")")
+            if isinstance(obj, type) and hasattr(obj, "name"):
+                own = obj.__dict__.get("name")
+                if own and own != key:
+                    raise ValueError(f"{self.kind} class {obj.__qualname__} says name = {own!r} but is registered "
+                                     f"as {key!r}; write the name once, in register()")
+            old = self._items.get(key)
+            if old is not None and old is not obj and not _same_definition(old, obj):
+                raise ValueError(f"{self.kind} '{key}' is registered twice ({_where(old)} and {_where(obj)})")
+            if isinstance(obj, type) and hasattr(obj, "name"):
+                obj.name = key  # type: ignore[attr-defined]
+            self._items[key] = obj
             doc = description or (obj.__doc__ or "").strip().splitlines()[0:1]
-            self._docs[name] = doc if isinstance(doc, str) else (doc[0] if doc else "")
+            self._docs[key] = doc if isinstance(doc, str) else (doc[0] if doc else "")
             return obj
 
         return deco
 
     def get(self, name: str) -> T:
+        if name not in self._items:
+            load_entry_points()
         if name not in self._items:
             raise UnknownNameError(self.unknown(name))
         return self._items[name]
@@ -59,16 +77,84 @@ class Registry(Generic[T]):
         return cls(coerce(cls.Params, dict(params or {}), f"{self.kind}.{name}"), **kwargs)
 
     def describe(self) -> dict[str, str]:
+        load_entry_points()
         return {k: self._docs[k] for k in sorted(self._items)}
 
     def __contains__(self, name: object) -> bool:
+        if name not in self._items:
+            load_entry_points()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._items))
+        return iter(self.names())
 
     def names(self) -> list[str]:
+        load_entry_points()
         return sorted(self._items)
+
+
+def _where(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+def _same_definition(a: Any, b: Any) -> bool:
+    """The same class or function defined again (a plug-in module imported a second time)."""
+    return _where(a) == _where(b)
+
+
+# -- plug-ins from the user's own code ---------------------------------------------------------------------
+PLUGIN_GROUP = "splitveil.plugins"
+_entry_points_loaded = False
+_plugins_loaded: dict[str, str] = {}   # module or entry point -> how it was loaded
+
+
+def load_entry_points() -> list[str]:
+    """Load (once per process) every entry point of group ``splitveil.plugins`` of the installed packages.
+
+    An entry point names a module whose import registers plug-ins (``my_pkg.splitveil_plugin``) or a function
+    called once to register them (``my_pkg.plugin:register``). A plug-in that fails to load is an error
+    naming it, not a silently missing name."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return []
+    _entry_points_loaded = True   # first: a plug-in that looks names up while loading does not recurse
+    import inspect
+    from importlib.metadata import entry_points
+
+    loaded = []
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            obj = ep.load()
+            if inspect.isfunction(obj):
+                obj()
+        except Exception as e:
+            raise ConfigError(f"plug-in entry point '{ep.name} = {ep.value}' (group {PLUGIN_GROUP}) failed to "
+                              f"load: {type(e).__name__}: {e}") from e
+        _plugins_loaded[ep.value] = "entry point"
+        loaded.append(ep.value)
+    return loaded
+
+
+def load_plugins(modules: list[str] | tuple[str, ...] = (), field: str = "plugins") -> list[str]:
+    """Import the user's plug-in modules (a config's ``plugins:`` list) so that their ``register`` decorators
+    run; a module is imported once per process however often it is listed. Entry points load too."""
+    import importlib
+
+    load_entry_points()
+    out = []
+    for i, mod in enumerate(modules):
+        if not isinstance(mod, str) or not mod.strip():
+            raise ConfigError(f"{field}[{i}]: expected an importable module name, got {mod!r}")
+        mod = mod.strip()
+        if mod not in _plugins_loaded:
+            try:
+                importlib.import_module(mod)
+            except ImportError as e:
+                raise ConfigError(f"{field}[{i}]: cannot import plug-in module '{mod}' ({e}); it must be importable "
+                                  "from the current directory or the Python path") from None
+            _plugins_loaded[mod] = "plugins"
+        out.append(mod)
+    return out
 
 
 def import_submodules(package_name: str) -> None:
@@ -84,18 +170,3 @@ def import_submodules(package_name: str) -> None:
         if not info.name.startswith("_"):
             importlib.import_module(f"{package_name}.{info.name}")
 
-
-def create_attack(name: str, *, device: Any = "cpu", seed: int = 0, show_progress: bool = False,
-                  workdir: Any = None, **params: Any) -> Any:
-    """A registered attack with validated parameters, e.g. ``create_attack("inverse_network", epochs=2)``."""
-    from .attacks import ATTACKS
-
-    return ATTACKS.create(name, params, device=device, seed=seed, show_progress=show_progress, workdir=workdir)
-
-
-def create_defense(name: str, **params: Any) -> Any:
-    """The defense stack of one registered defense (or an ``a+b`` composition) with validated parameters,
-    e.g. ``create_defense("gaussian_noise", sigma=0.1)``; pass it to ``Trainer`` and ``Edge``."""
-    from .defenses import build_defenses
-
-    return build_defenses({"name": name, **params})

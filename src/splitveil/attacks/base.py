@@ -16,7 +16,7 @@ import torch
 from ..data import DataBundle, ImageSplit
 from ..defenses import Edge
 from ..metrics import image_metrics
-from ..params import NoParams
+from ..params import NoParams, params_from
 from ..registry import Registry
 # the worst case over a suite and the weak-attack warnings live in the results layer (re-exported here)
 from ..results.records import METRIC_DIRECTIONS, weak_attack_warnings, worst_case  # noqa: F401
@@ -38,8 +38,11 @@ class Attack:
     Params: ClassVar[type] = NoParams
 
     def __init__(self, params: Any = None, device: torch.device | str = "cpu", seed: int = 0,
-                 show_progress: bool = True, workdir: str | Path | None = None):
-        self.params = params if params is not None else self.Params()
+                 show_progress: bool = True, workdir: str | Path | None = None, **param_values: Any):
+        """``params``: a ``Params`` object, a mapping, or None (defaults); or the parameters as keywords
+        (``InverseNetworkAttack(epochs=2)``, ``ATTACKS.get("inverse_network")(epochs=2)``): validated either
+        way, a bad one named. ``create_attack(name, **params)`` is the factory by registry name."""
+        self.params = params_from(type(self), params, param_values, f"attacks.{self.name}", "create_attack")
         self.device = torch.device(device)
         self.seed = seed
         self.show_progress = show_progress

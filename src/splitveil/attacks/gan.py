@@ -79,7 +79,6 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) 
 @ATTACKS.register("gan", "decoder trained with reconstruction loss + WGAN-GP adversarial loss (critic on aux images), "
                   "warm-started from the fitted inverse network")
 class GanAttack(InverseNetworkAttack):
-    name = "gan"
     Params = GanParams
 
     _init_state: dict | None = None

@@ -18,7 +18,8 @@ from ..params import require
 from .base import ATTACKS
 from .blocks import (AttentionAsConv, FeatureEnhancer, LargeKernelAttention, MultiHeadSelfAttention,
                      MultiScaleChannelAttention, SqueezeExcitation)
-from .inverse_network import InverseNetworkAttack, InverseNetworkParams, InversionDecoder, auto_width
+from ..models.decoder import InversionDecoder, auto_width
+from .inverse_network import InverseNetworkAttack, InverseNetworkParams
 
 
 @dataclass
@@ -57,7 +58,6 @@ def count_stages(feature_shape: tuple[int, ...], image_shape: tuple[int, int, in
 @ATTACKS.register("inverse_network_plus", "GPZ-enhanced inverse network: attention blocks between upsampling "
                   "stages (weak-to-strong) and feature enhancements of z, each switchable")
 class InverseNetworkPlusAttack(InverseNetworkAttack):
-    name = "inverse_network_plus"
     Params = InverseNetworkPlusParams
 
     def stage_blocks(self, channels: int, size: int, stage: int, n_stages: int) -> nn.Module:

@@ -118,7 +118,6 @@ def feature_model(edge: Edge) -> FeatureModel:
 @ATTACKS.register("rmle", "white-box rMLE: optimise x_hat with Adam to match the transmitted features under the "
                   "edge's exact (Gaussian / mask-aware) likelihood, TV prior chosen by the feature residual")
 class RmleAttack(Attack):
-    name = "rmle"
     Params = RmleParams
 
     def fit(self, edge: Edge, data: DataBundle) -> dict[str, Any]:

@@ -246,6 +246,8 @@ class CEMDefense(Defense):
     optional extra terms); this class weights it by lambda_t, applies warm-up and the non-finite guard."""
 
     conflicts = ()
+    shared_params = ("sigma",)    # the noise level: the same number as the noise defense's sigma
+    adapts_to_feature_size = True  # rebuilt for a new feature size at the next epoch start
     trains_during_warmup = False   # True: the surrogate's own fitting term runs during warm-up too
     dim: int = 0                   # flattened feature size the state was allocated for (set by ``allocate``)
 
@@ -279,17 +281,16 @@ class CEMDefense(Defense):
         for d in defenses:
             if d is self:
                 continue
-            s = d.noise_std()
-            if s is not None:
-                others.append((d.name, s))
+            if d.adds_noise:
+                others.append((d.name, d.noise_std()))
         if p.noise and others:
             raise ConfigError(f"{me}.noise: true adds the noise a second time on top of {others[0][0]}; use one of them")
         if p.lambda_ == 0:
             return
         if not p.noise and not others:
             raise ConfigError(f"{me}.lambda: {p.lambda_} > 0 but no defense adds noise to the features: CEM's "
-                              f"threshold is relative to the noise; list gaussian_noise (sigma {p.sigma}) in "
-                              f"defense.name or set {me}.noise: true")
+                              f"threshold is relative to the noise; list a noise defense (e.g. gaussian_noise, "
+                              f"sigma {p.sigma}) in defense.name or set {me}.noise: true")
         for name, s in others:
             if abs(s - p.sigma) > 1e-12 * max(1.0, abs(s)):
                 raise ConfigError(f"{me}.sigma: {p.sigma} differs from defense.{name}.sigma: {s}; the CEM threshold "
@@ -307,23 +308,23 @@ class CEMDefense(Defense):
                 prm.register_hook(_finite_grad_hook(self.nonfinite))
                 self._protected.add(id(prm))
 
-    def setup(self, model, data, device) -> None:
-        self.num_classes = int(data.num_classes)
-        self.allocate(self.num_classes, feature_dim(model, data), device)
+    def setup(self, ctx) -> None:
+        self.num_classes = int(ctx.data.num_classes)
+        self.allocate(self.num_classes, feature_dim(ctx.model, ctx.data), ctx.device)
         self._protect()
 
-    def on_epoch_start(self, trainer: Any, epoch: int) -> None:
+    def on_epoch_start(self, ctx, epoch: int) -> None:
         # a defense listed before this one may have changed the transmitted features (PATROL with
         # prune_output): rebuild the surrogate for the new size and give its parameters to the optimizer
-        dim = feature_dim(trainer.model, trainer.data)
+        dim = feature_dim(ctx.model, ctx.data)
         if dim != self.dim:
             log.info("%s: feature size changed %d -> %d; surrogate rebuilt", self.name, self.dim, dim)
-            self.allocate(self.num_classes, dim, trainer.device)
+            self.allocate(self.num_classes, dim, ctx.device)
             self._protect()
-            trainer.rebuild_optimizer()
-        self.lr = float(trainer.optimizer.param_groups[0]["lr"])
+            ctx.parameters_changed()
+        self.lr = ctx.lr
 
-    def on_epoch_end(self, trainer: Any, epoch: int) -> None:
+    def on_epoch_end(self, ctx, epoch: int) -> None:
         self.warn_nonfinite()
 
     def warn_nonfinite(self) -> None:

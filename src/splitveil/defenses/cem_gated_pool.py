@@ -76,7 +76,6 @@ def pooled_hinge(z: torch.Tensor, y: torch.Tensor, a: torch.Tensor, mask: torch.
 @DEFENSES.register("cem_gated_pool", "CEM with gated attention pooling per class: hinge on the attention-weighted "
                    "log variance vs the noise floor (params: sigma, lambda, hidden)")
 class CEMGatedPool(CEMDefense):
-    name = "cem_gated_pool"
     Params = CEMGatedPoolParams
 
     def allocate(self, num_classes: int, dim: int, device: torch.device | str = "cpu") -> None:

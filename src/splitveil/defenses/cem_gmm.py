@@ -166,7 +166,6 @@ def gmm_surrogate(z: torch.Tensor, y: torch.Tensor, centroids: torch.Tensor, fit
                    "the released loss (form=reference|hinge_diag|logdet), lambda schedule reference|constant "
                    "(params: sigma, lambda, k, form)")
 class CEMGMM(CEMDefense):
-    name = "cem_gmm"
     Params = CEMGMMParams
 
     def __init__(self, params: Any = None):
@@ -185,9 +184,9 @@ class CEMGMM(CEMDefense):
         self.register_buffer("class_count", torch.zeros(C, device=device))
         self.register_buffer("refits", torch.zeros((), dtype=torch.long, device=device))
 
-    def setup(self, model, data, device) -> None:
-        super().setup(model, data, device)
-        self.class_count.copy_(torch.bincount(data.train.labels.long(), minlength=self.num_classes).float())
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
+        self.class_count.copy_(torch.bincount(ctx.data.train.labels.long(), minlength=self.num_classes).float())
 
     # -- refitting -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -273,14 +272,14 @@ class CEMGMM(CEMDefense):
         gen = torch.Generator(device=dev).manual_seed(1_000_003 * self.seed + 7919 * epoch + 11)
         self.fit_features(torch.cat(zs).to(dev), torch.cat(ys).to(dev), gen)
 
-    def on_epoch_start(self, trainer: Any, epoch: int) -> None:
-        super().on_epoch_start(trainer, epoch)
-        self.seed = int(trainer.seed)
+    def on_epoch_start(self, ctx, epoch: int) -> None:
+        super().on_epoch_start(ctx, epoch)
+        self.seed = int(ctx.seed)
 
-    def on_epoch_end(self, trainer: Any, epoch: int) -> None:
+    def on_epoch_end(self, ctx, epoch: int) -> None:
         if self.params.lambda_ > 0:
-            self.refit(trainer.model, trainer.data, trainer.device, epoch, getattr(trainer, "amp", None))
-        super().on_epoch_end(trainer, epoch)
+            self.refit(ctx.model, ctx.data, ctx.device, epoch, getattr(ctx, "amp", None))
+        super().on_epoch_end(ctx, epoch)
 
     def mixture(self) -> dict[str, torch.Tensor]:
         """The last refit: weights (C, k), centroids (C, k, D), variances (C, k) (mean over dimensions), fitted."""

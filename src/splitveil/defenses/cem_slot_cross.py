@@ -178,7 +178,6 @@ class SlotCrossSurrogate(nn.Module):
 @DEFENSES.register("cem_slot_cross", "CEM with a Slot Attention + gated cross-attention surrogate (the proposal; "
                    "params: sigma, lambda, slots, iters, beta, gates, warmup_epochs, shutoff_*)")
 class CEMSlotCross(CEMDefense):
-    name = "cem_slot_cross"
     Params = CEMSlotCrossParams
     trains_during_warmup = True
 

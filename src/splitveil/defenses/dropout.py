@@ -24,7 +24,6 @@ class FeatureDropout(Defense):
     """z' = m * z / (1 - rate), m ~ Bernoulli(1 - rate) element-wise, fresh at every call. Unlike ``nn.Dropout``
     it stays active in eval mode: the deployed edge sends dropped features and the attacker sees them."""
 
-    name = "dropout"
     Params = DropoutParams
 
     def transform(self, z: torch.Tensor, training: bool) -> torch.Tensor:

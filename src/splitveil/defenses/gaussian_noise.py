@@ -19,8 +19,8 @@ class NoiseParams:
 
 @DEFENSES.register("gaussian_noise", "z' = z + N(0, sigma^2 I) at training and inference (param: sigma)")
 class GaussianNoise(Defense):
-    name = "gaussian_noise"
     Params = NoiseParams
+    shared_params = ("sigma",)   # CEM's threshold uses the same noise level
 
     def noise_std(self) -> float | None:
         return float(self.params.sigma) if self.params.sigma > 0 else None

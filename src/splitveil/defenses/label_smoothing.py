@@ -29,7 +29,6 @@ def smooth_targets(y: torch.Tensor, num_classes: int, alpha: float, dtype=torch.
 
 @DEFENSES.register("label_smoothing", "soft targets (1 - alpha) one-hot + alpha / K, alpha in [-0.1, 0.5] (param: alpha)")
 class LabelSmoothing(Defense):
-    name = "label_smoothing"
     Params = LabelSmoothingParams
     changes_targets = True
 

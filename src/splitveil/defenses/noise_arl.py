@@ -12,7 +12,7 @@ The term is the decoder's PSNR in bels, ``-log10 MSE(decoder(z), x)`` (objective
 gradient does not vanish as the decoder gets good), ``-MSE(decoder(z), x)`` (objective ``mse``: reward the
 decoder's error directly) or ``relu(SSIM(decoder(z), x) - ssim_threshold)`` (objective ``ssim``: penalise a
 similarity above a threshold, as in ResSFL-style attacker-aware training).
-The decoder is :class:`splitveil.attacks.inverse_network.InversionDecoder`, the attack's architecture."""
+The decoder is :class:`splitveil.models.decoder.InversionDecoder`, the decoder attacks' architecture."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..metrics.image import ssim_per_image
+from ..models.decoder import InversionDecoder
 from ..params import ConfigError, require
 from .base import DEFENSES, Defense, StepContext
 
@@ -49,15 +50,14 @@ class NoiseARLParams:
 @DEFENSES.register("noise_arl", "adversarial representation learning: a simulated inversion decoder is trained "
                                 "alongside; the encoder keeps its reconstruction poor (params: weight, objective)")
 class NoiseARL(Defense):
-    name = "noise_arl"
     Params = NoiseARLParams
 
-    def setup(self, model, data, device) -> None:
-        from ..attacks.inverse_network import InversionDecoder   # here: attacks import defenses at load time
+    needs_fixed_features = True   # the simulated decoder is built for the feature shape at setup
 
-        p = self.params
-        self.feature_shape = tuple(model.feature_shape)
-        self.decoder = InversionDecoder(self.feature_shape, data.image_shape, p.channels, p.activation).to(device)
+    def setup(self, ctx) -> None:
+        p, data = self.params, ctx.data
+        self.feature_shape = tuple(ctx.model.feature_shape)
+        self.decoder = InversionDecoder(self.feature_shape, data.image_shape, p.channels, p.activation).to(ctx.device)
         self.optimizer = torch.optim.Adam(self.decoder.parameters(), lr=p.decoder_lr)
         self._denormalize = data.denormalize
         self.decoder_mse: list[float] = []   # per epoch: mean MSE of the decoder on the training features
@@ -88,7 +88,7 @@ class NoiseARL(Defense):
         x_hat = self.decoder(step.z_sent)
         return {"adv": self.params.weight * self.privacy_term(x_hat, self._denormalize(step.x))}
 
-    def after_step(self, step: StepContext, trainer) -> None:
+    def after_step(self, step: StepContext, ctx) -> None:
         for q in self.decoder.parameters():
             q.requires_grad_(True)
         self._check(step.z_sent)
@@ -103,10 +103,10 @@ class NoiseARL(Defense):
                 self._sum += float(loss.detach())
                 self._n += 1
 
-    def on_epoch_start(self, trainer, epoch: int) -> None:
+    def on_epoch_start(self, ctx, epoch: int) -> None:
         self._sum, self._n = 0.0, 0
 
-    def on_epoch_end(self, trainer, epoch: int) -> None:
+    def on_epoch_end(self, ctx, epoch: int) -> None:
         if self._n:
             self.decoder_mse.append(self._sum / self._n)
 

@@ -4,4 +4,4 @@ from .base import DEFENSES, Defense
 
 @DEFENSES.register("none", "no defense: the raw encoder features are sent")
 class NoDefense(Defense):
-    name = "none"
+    """Sends the raw encoder features (the same as listing no defense)."""

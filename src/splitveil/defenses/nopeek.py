@@ -46,7 +46,6 @@ class NoPeekParams:
 
 @DEFENSES.register("nopeek", "NoPeek: loss += alpha * distance correlation dCor(x, z), vectorised (param: alpha)")
 class NoPeek(Defense):
-    name = "nopeek"
     Params = NoPeekParams
 
     def loss(self, step: StepContext) -> dict[str, torch.Tensor]:

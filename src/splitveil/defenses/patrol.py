@@ -116,10 +116,14 @@ def _new_bn(old: nn.BatchNorm2d, idx: torch.Tensor) -> nn.BatchNorm2d:
 @DEFENSES.register("patrol", "PATROL pruning: remove the encoder channels least useful to the task at an epoch, "
                              "then fine-tune (params: amount, prune_epoch)")
 class Patrol(Defense):
-    name = "patrol"
     Params = PatrolParams
 
-    def setup(self, model, data, device) -> None:
+    @property
+    def changes_feature_size(self) -> bool:
+        return bool(self.params.prune_output)   # the transmitted channels are pruned too
+
+    def setup(self, ctx) -> None:
+        model = ctx.model
         self._model = [model]          # a list: the model must not become a submodule of the defense
         self._image_shape = tuple(model.input_shape)
         enc = _leaves(model.encoder, "encoder", "encoder")
@@ -193,7 +197,7 @@ class Patrol(Defense):
             s = s + conv.bias.detach() * conv.bias.grad.detach()
         return s.abs()
 
-    def after_step(self, step: StepContext, trainer) -> None:
+    def after_step(self, step: StepContext, ctx) -> None:
         if self.params.importance == "taylor" and not int(self.pruned) and step.epoch == self.params.prune_epoch - 1:
             for j, u in enumerate(self._units):
                 buf = getattr(self, f"importance_{j}")
@@ -206,13 +210,7 @@ class Patrol(Defense):
             if u.bn is not None:
                 _replace(u.bn, _new_bn(_get(u.bn), keep))
             _replace(u.nxt, _new_conv(_get(u.nxt), keep, None))
-        model = self._model[0]
-        was = model.training
-        model.eval()
-        with torch.no_grad():
-            dev = next(model.encoder.parameters()).device
-            model.feature_shape = tuple(model.encoder(torch.zeros(1, *self._image_shape, device=dev)).shape[1:])
-        model.train(was)
+        self._model[0].measure_feature_shape()   # the model measures what it now sends
         self.pruned.fill_(1)
         self._after = self._measure()
 
@@ -228,16 +226,18 @@ class Patrol(Defense):
             keeps.append(keep.to(_get(u.conv).weight.device))
         self._restructure(keeps)
 
-    def on_epoch_start(self, trainer, epoch: int) -> None:
-        if epoch == 0 and self.params.prune_epoch >= trainer.cfg.epochs:
+    def check_training(self, ctx) -> None:
+        if ctx.epochs is not None and self.params.prune_epoch >= ctx.epochs:
             raise ConfigError(f"defense.patrol.prune_epoch: {self.params.prune_epoch} is not below train.epochs "
-                              f"({trainer.cfg.epochs}); the encoder would never be pruned")
+                              f"({ctx.epochs}); the encoder would never be pruned")
+
+    def on_epoch_start(self, ctx, epoch: int) -> None:
         if epoch == self.params.prune_epoch and not int(self.pruned):
             self.prune()
             self._pruned_at = epoch
-            trainer.rebuild_optimizer()   # the pruned parameters are new tensors
+            ctx.parameters_changed()   # the pruned parameters are new tensors
 
-    def prepare_load(self, state: dict, trainer) -> None:
+    def prepare_load(self, state: dict, ctx) -> None:
         """Give the model the checkpoint's (possibly pruned) shapes before its weights are loaded."""
         sd = state["model"]
         keeps, changed = [], False

@@ -39,7 +39,6 @@ def topk_mask(z: torch.Tensor, fraction: float, per: str = "channel") -> torch.T
 
 @DEFENSES.register("topk_prune", "zero the smallest fraction of each transmitted feature map (param: fraction)")
 class TopkPrune(Defense):
-    name = "topk_prune"
     Params = TopkPruneParams
 
     def transform(self, z: torch.Tensor, training: bool) -> torch.Tensor:

@@ -6,17 +6,18 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..attacks import ATTACKS
+from ..attacks import AttackSuite
 from ..data import DataConfig
-from ..defenses import build_defenses
+from ..defenses import DefenseSpec
 from ..models import ModelConfig
 from ..params import ConfigError, coerce, require
+from ..registry import load_plugins
 from ..training import TrainConfig
 
 
@@ -43,9 +44,18 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    defense: dict = field(default_factory=lambda: {"name": "none"})
-    attacks: dict = field(default_factory=lambda: {"inverse_network": {}})
+    # typed once, when the config is read: ``{name: ..., params}`` -> DefenseSpec, ``{attack: params}`` -> AttackSuite
+    defense: DefenseSpec = field(default_factory=lambda: DefenseSpec.from_config({"name": "none"}))
+    attacks: AttackSuite = field(default_factory=lambda: AttackSuite.from_config({"inverse_network": {}}))
     eval: EvalConfig = field(default_factory=EvalConfig)
+    plugins: list[str] = field(default_factory=list)   # the user's modules that register defenses, attacks, ...
+
+    def __post_init__(self) -> None:
+        # a plain mapping given in code (``RunConfig(defense={...})``, ``dataclasses.replace``) is typed here
+        if not isinstance(self.defense, DefenseSpec):
+            self.defense = DefenseSpec.from_config(self.defense)
+        if not isinstance(self.attacks, AttackSuite):
+            self.attacks = AttackSuite.from_config(self.attacks)
 
     def validate(self) -> None:
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
@@ -53,25 +63,24 @@ class RunConfig:
         require(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")
         require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}", self.name)), "name",
                 f"{self.name!r}: use letters, digits, '.', '_' and '-' (no '/', it names the run folder)")
-        build_defenses(self.defense)  # raises ConfigError naming a bad defense field
-        self.attack_params()
 
     def attack_params(self) -> dict[str, Any]:
         """Validated parameter objects of every configured attack, in config order."""
-        if not isinstance(self.attacks, dict):
-            raise ConfigError(f"attacks: expected a mapping name -> parameters, got {self.attacks!r}")
-        out = {}
-        for name, params in self.attacks.items():
-            if name not in ATTACKS:
-                raise ConfigError(f"attacks.{name}: {ATTACKS.unknown(name)}")
-            out[name] = coerce(ATTACKS.get(name).Params, params or {}, f"attacks.{name}")
-        return out
+        return self.attacks.params()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The config as plain data (config.yaml); defense and attacks as written, ``plugins`` only when set."""
+        d = {f.name: (copy.deepcopy(getattr(self, f.name)) if f.name in ("defense", "attacks", "plugins")
+                      else asdict(getattr(self, f.name)) if is_dataclass(getattr(self, f.name))
+                      else copy.deepcopy(getattr(self, f.name)))
+             for f in fields(self)}
+        d["defense"], d["attacks"] = self.defense.to_dict(), self.attacks.to_dict()
+        if not self.plugins:
+            del d["plugins"]
+        return d
 
     def defense_label(self) -> str:
-        return build_defenses(self.defense).label
+        return self.defense.label
 
     def run_id(self) -> str:
         """Stable id: the same resolved config (progress bars aside) always maps to the same run folder.
@@ -84,8 +93,8 @@ class RunConfig:
         # folder as resolved (relative, '..', trailing '/', root or its dataset sub-folder)
         d["device"] = resolved_device_type(self.device)
         d["data"]["root"] = canonical_data_root(self.data)
-        d["defense"] = {x.name: asdict(x.params) for x in build_defenses(self.defense)}
-        d["attacks"] = {name: asdict(p) for name, p in self.attack_params().items()}
+        d["defense"] = self.defense.resolved()
+        d["attacks"] = self.attacks.resolved()
         h = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
         return f"{self.name}-{self.data.name}-{self.model.name}-{self.defense_label()}-s{self.seed}-{h}"
 
@@ -151,10 +160,25 @@ def apply_override(tree: dict, assignment: str) -> None:
     node[parts[-1]] = parse_value(value, ".".join(parts))
 
 
+def plugin_list(value: Any, field: str = "plugins") -> list[str]:
+    """A ``plugins:`` entry: a module name or a list of them."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"{field}: expected a list of importable module names, got {value!r}")
+    return [v.strip() for v in value]
+
+
 def config_from_dict(tree: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Validate a run config tree (after ``overrides``) into a :class:`RunConfig`: the ``plugins`` modules are
+    imported first, so the defenses and attacks they register can be named in the same config."""
     tree = copy.deepcopy(tree or {})
     for a in overrides:
         apply_override(tree, a)
+    if "plugins" in tree:
+        tree["plugins"] = load_plugins(plugin_list(tree["plugins"]))
     return coerce(RunConfig, tree)
 
 

@@ -143,6 +143,18 @@ class SplitModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
 
+    @torch.no_grad()
+    def measure_feature_shape(self) -> tuple[int, ...]:
+        """Measure (and store as ``feature_shape``) what the encoder sends now, e.g. after pruning changed it."""
+        was = self.training
+        self.eval()
+        try:
+            dev = next(iter(self.encoder.parameters()), torch.zeros(())).device
+            self.feature_shape = tuple(self.encoder(torch.zeros(1, *self.input_shape, device=dev)).shape[1:])
+        finally:
+            self.train(was)
+        return self.feature_shape
+
 
 def create_model(name: str, num_classes: int, input_shape: tuple[int, int, int], width: float = 1.0,
                  **options) -> BlockModel:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import DataBundle
-from ..defenses import DefenseStack, StepContext
+from ..defenses import DefenseContext, DefenseStack, StepContext
 from ..models import SplitModel
 from ..params import CorruptFileError, require
 from ..precision import DeviceMeter, MixedPrecision
@@ -53,6 +53,11 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     """Trains ``model`` (encoder + decoder) under ``defenses``; checkpoints every epoch and resumes exactly.
 
+    The trainer sets the defenses up itself (``defenses.setup(self.ctx)``; a stack already set up by hand for
+    the same model and data is not set up twice) and hands their hooks ``self.ctx``, a
+    :class:`~splitveil.defenses.DefenseContext`: a hook that changes the trainable parameters calls
+    ``ctx.parameters_changed()`` and the optimizer is rebuilt here.
+
     The encoder and decoder run under ``cfg.precision`` (autocast) and ``cfg.channels_last``; the defenses'
     hooks get float32, contiguous features and run outside autocast, and every loss is float32. The step
     never waits for the device: losses and accuracy are summed on it and read every ``sync_every`` steps
@@ -63,15 +68,19 @@ class Trainer:
     def __init__(self, model: SplitModel, defenses: DefenseStack, data: DataBundle, cfg: TrainConfig,
                  device: torch.device, seed: int = 0, ckpt_path: str | Path | None = None, show_progress: bool = True,
                  augment: bool = False, sync_every: int = 25):
-        self.model, self.defenses, self.data, self.cfg = model.to(device), defenses.to(device), data, cfg
-        self.device, self.seed, self.show_progress, self.augment = device, seed, show_progress, augment
-        self.amp = MixedPrecision.create(cfg.precision, cfg.channels_last, device, field="train")
-        self.sync_every = max(1, int(sync_every))
-        self.ckpt_path = Path(ckpt_path) if ckpt_path else None
-        self.generator = torch.Generator().manual_seed(seed)  # data order and augmentation
+        self.data, self.cfg, self.device, self.seed = data, cfg, device, seed
+        self.show_progress, self.augment = show_progress, augment
         self.epoch = 0            # number of finished epochs
         self.global_step = 0
         self.history: list[dict[str, float]] = []
+        self.amp = MixedPrecision.create(cfg.precision, cfg.channels_last, device, field="train")
+        self.ctx = DefenseContext(model, data, device, epochs=cfg.epochs, seed=seed,
+                                  on_parameters_changed=self.rebuild_optimizer, current_lr=self._lr, amp=self.amp)
+        defenses.setup(self.ctx)   # before the model moves (as when set up by hand); once per model and data
+        self.model, self.defenses = model.to(device), defenses.to(device)
+        self.sync_every = max(1, int(sync_every))
+        self.ckpt_path = Path(ckpt_path) if ckpt_path else None
+        self.generator = torch.Generator().manual_seed(seed)  # data order and augmentation
         self.rebuild_optimizer()
 
     # -- optimisation ---------------------------------------------------------------------------------
@@ -102,6 +111,9 @@ class Trainer:
             for _ in range(self.epoch):  # keep the schedule's position when rebuilt mid-training
                 self.scheduler.step()
 
+    def _lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
     def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         soft = self.defenses.targets(y, logits.shape[1])
         if soft is None:
@@ -114,7 +126,7 @@ class Trainer:
         amp = self.amp
         amp.prepare(self.model)  # channels-last weights (no-op when already, or when disabled)
         epoch = self.epoch
-        self.defenses.on_epoch_start(self, epoch)
+        self.defenses.on_epoch_start(self.ctx, epoch)
         meter = DeviceMeter(self.device)
         first_step = self.global_step
         batches = self.data.batches(self.data.train, self.cfg.batch_size, self.device, shuffle=True,
@@ -135,7 +147,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             amp.backward_step(loss, self.optimizer, self.parameters() if self.cfg.grad_clip else None,
                               self.cfg.grad_clip)
-            self.defenses.after_step(step, self)
+            self.defenses.after_step(step, self.ctx)
             self.global_step += 1
             meter.add(weight=len(y), correct=(logits.detach().argmax(1) == y).sum())
             meter.add(**{f"loss.{k}": v for k, v in terms.items()})
@@ -147,7 +159,7 @@ class Trainer:
         self.epoch += 1
         stats = {k: v for k, v in means.items() if k.startswith("loss.")}
         stats["train_accuracy"] = means.get("correct", 0.0)
-        self.defenses.on_epoch_end(self, epoch)
+        self.defenses.on_epoch_end(self.ctx, epoch)
         return stats
 
     def _check(self, meter: DeviceMeter, epoch: int, first_step: int) -> dict[str, float]:
@@ -176,6 +188,7 @@ class Trainer:
             self.load(self.ckpt_path)
             log.info("resumed from %s after epoch %d", self.ckpt_path, self.epoch)
         log.info("precision %s, channels_last %s", self.amp.precision, self.amp.channels_last)
+        self.defenses.check_training(self.ctx)   # what a defense cannot do with this run, before any epoch
         try:
             self._fit_epochs()
         finally:
@@ -225,7 +238,7 @@ class Trainer:
         if self.run_id is not None and st.get("run_id") != self.run_id:
             raise CorruptFileError(f"{path}: checkpoint of run {st.get('run_id')}, not of {self.run_id}; delete it "
                                    f"(or re-run with --force)")
-        self.defenses.prepare_load(st, self)
+        self.defenses.prepare_load(st, self.ctx)
         self.model.load_state_dict(st["model"])
         self.defenses.load_state_dict(st["defenses"])
         self.epoch, self.global_step, self.history = st["epoch"], st["global_step"], list(st["history"])

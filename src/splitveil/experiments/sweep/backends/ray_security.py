@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import os
 
-from ..params import ConfigError
+from ....params import ConfigError
 
 LOOPBACK_ONLY_HINT = ("splitveil does not start an unauthenticated local Ray cluster: its ports are reachable from "
                       "the network")

@@ -1,0 +1,2 @@
+"""Sweep backends: ``local`` (worker processes here) and ``ray`` (a Ray cluster)."""
+BACKENDS = ("local", "ray")
