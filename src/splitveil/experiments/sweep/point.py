@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import config_from_dict
-from ..store import ResultsStore, RunBusyError, run_lock
+from ...results.store import ResultsStore, RunBusyError, is_finished, run_lock
 
 LOCAL_WORKER = False   # set in local pool workers
 STOPPED = False        # a local worker interrupted once (Ctrl-C) stops taking work
@@ -42,7 +42,7 @@ def execute_point(config: dict, out: str, force: bool = False, threads: int | No
     try:
         with run_lock(out_p, run_id):
             row = ResultsStore(out_p / "results.sqlite").get(run_id)
-            if row and row["status"] == "finished" and (out_p / run_id / "metrics.json").exists() and not force:
+            if is_finished(row, out_p / run_id) and not force:
                 res["status"] = "skipped"
                 return res
             # interrupted (or left 'running' by a killed process): continue from its checkpoints; failed or new: fresh

@@ -17,7 +17,7 @@ from ...params import ConfigError, coerce, require
 from ...registry import load_plugins
 from ..config import (RunConfig, absolute_root, apply_override, config_from_dict, plugin_list, read_yaml_mapping,
                       root_relative_to)
-from ..store import ResultsStore
+from ...results.store import ResultsStore, is_finished
 
 
 @dataclass
@@ -103,7 +103,7 @@ class Sweep:
         for p in self.points:
             r = rows.get(p.run_id)
             st = r["status"] if r else "pending"
-            if st == "finished" and not (self.out / p.run_id / "metrics.json").exists():
+            if st == "finished" and not is_finished(r, self.out / p.run_id):   # its folder was deleted: redo
                 st = "pending"
             out[p.run_id] = st
         return out
