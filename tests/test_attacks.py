@@ -1,6 +1,8 @@
 """The attack suite (issue 5): every attack beats the mean-aux-image baseline through a real run; rmle
 inverts an identity encoder and its TV weight smooths; gan losses stay finite and adv_weight 0 is the
 inverse network; attention blocks keep shapes; training-time mode never trains on test images."""
+import os
+
 import pytest
 import torch
 from torch import nn
