@@ -175,11 +175,17 @@ def test_mean_and_std_match_a_direct_computation_from_the_store(local_sweep, tmp
         assert not math.isnan(float(r["inverse_network.mse_std"]))
 
 
+def _default_sigint() -> None:
+    # a test suite started in the background by a shell without job control (`cmd &` in a script) inherits
+    # SIGINT ignored, and Python keeps it ignored: the sweep must see the SIGINT the tests send
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_sweep(path: Path, out: Path, workers: int = 2) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     return subprocess.Popen([sys.executable, "-m", "splitveil", "sweep", str(path), "--workers", str(workers),
                              "--out", str(out), "--no-progress"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=_default_sigint)
 
 
 def _running_point(out: Path, parent: int, after_one_finished: bool) -> tuple[str, int] | None:
