@@ -278,7 +278,7 @@ class CEMGMM(CEMDefense):
 
     def on_epoch_end(self, ctx, epoch: int) -> None:
         if self.params.lambda_ > 0:
-            self.refit(ctx.model, ctx.data, ctx.device, epoch, getattr(ctx, "amp", None))
+            self.refit(ctx.model, ctx.data, ctx.device, epoch, ctx.amp)
         super().on_epoch_end(ctx, epoch)
 
     def mixture(self) -> dict[str, torch.Tensor]:
