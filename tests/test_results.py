@@ -162,10 +162,18 @@ def _same_precision(recorded: dict) -> bool:
     return amp.info() == recorded
 
 
-def test_the_pipeline_reproduces_the_old_run(tmp_path, data_root):
+# where the fixture's data folder resolved on the machine that wrote it: the run id hashes the resolved data folder,
+# so a clone elsewhere (CI checks out under another path) would get another id for the same run
+FIXTURE_DATA_ROOT = "/work/shared/data/MNIST"
+
+
+def test_the_pipeline_reproduces_the_old_run(tmp_path, data_root, monkeypatch):
     """The fixture's config through today's pipeline: every number the old code recorded comes out again (the
     seeds, the stage order and what each stage draws from the RNG are unchanged)."""
+    from splitveil.experiments import config as config_mod
     from splitveil.experiments.run import run_experiment
+
+    monkeypatch.setattr(config_mod, "canonical_data_root", lambda data: FIXTURE_DATA_ROOT)
 
     old = legacy_metrics()
     if not _same_precision(old["precision"]):
