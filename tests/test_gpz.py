@@ -319,3 +319,20 @@ def test_vit_sweep_attacks_token_features(tmp_path, data_root):
     assert [(r["block"], tuple(r["shape"])) for r in res["rows"]] == [("embed", (65, 32)), ("block6", (65, 32))]
     assert all(0 < r["mse"] < 1 for r in res["rows"])
     assert res["rows"][0]["payload_bytes"] == res["rows"][1]["payload_bytes"] == 65 * 32 * 4
+
+
+def test_sweep_scores_the_worst_case_over_the_configured_suite(tmp_path, data_root):
+    """Every configured attack runs at an attacked cut and the row keeps the strongest (lowest MSE): a nearly
+    untrained first attack (lr 1e-9) must not become the cut's number."""
+    cfg = _cfg(**{"attacks.inverse_network.lr": 1e-9, "attacks.inverse_network_plus.epochs": 2,
+                  "attacks.inverse_network_plus.channels": 16, "attacks.inverse_network_plus.batch_size": 32})
+    sweep = GPZSweep(cfg, tmp_path, probe_images=64)
+    [row] = sweep.run("2", attack=True)["rows"]
+    assert set(row["attack_mse"]) == {"inverse_network", "inverse_network_plus"}
+    assert row["attack_mse"]["inverse_network_plus"] < row["attack_mse"]["inverse_network"]
+    assert row["worst_attack"] == "inverse_network_plus"
+    assert row["mse"] == pytest.approx(row["attack_mse"]["inverse_network_plus"])
+    stored = json.loads((sweep.run_dir / "rows.json").read_text())["2"]
+    assert stored["worst_attack"] == "inverse_network_plus" and stored["mse"] == pytest.approx(row["mse"])
+    saved = torch.load(sweep.cut_dir(2) / "recon.pt")
+    assert saved["attack"] == "inverse_network_plus" and saved["recon"].shape == saved["originals"].shape

@@ -189,20 +189,33 @@ class GPZSweep:
         return self.run_dir / f"cut{k:02d}_{self.block_names[k - 1]}"
 
     def attack(self, k: int) -> dict[str, Any]:
-        """The inverse-network attack at cut ``k``: fit on the aux features of the trained model, scored on test."""
+        """Every configured attack at cut ``k`` (the inverse network when none is configured): fit on the aux
+        features of the trained model, scored on test. The row's scores are the worst case over the suite (the
+        lowest MSE); with more than one attack the row also names it (``worst_attack``) and keeps each attack's
+        MSE (``attack_mse``)."""
         self.prepare()
-        params = self.cfg.attack_params().get("inverse_network") or coerce(ATTACKS.get("inverse_network").Params, {})
+        specs = self.cfg.attack_params() or {
+            "inverse_network": coerce(ATTACKS.get("inverse_network").Params, {})}
         d = self.cut_dir(k)
         d.mkdir(parents=True, exist_ok=True)
-        # the first (and only) attack of the pipeline's suite: the same seeds as a run's inverse network
-        [(i, _, attack)] = pipeline.build_suite({"inverse_network": params}, self.seeds, self.device,
-                                                 self.cfg.progress, workdir=d)
-        result, x01, x_hat = pipeline.attack_one(attack, i, self.edge(k), self.data, self.seeds)
-        n_show = min(self.cfg.eval.recon_images, len(x01))
-        torch.save({"originals": x01[:n_show], "recon": x_hat[:n_show]}, d / "recon.pt")
-        save_recon_grid(d / "recon.png", x01[:n_show], {f"cut {k} {self.block_names[k - 1]}": x_hat[:n_show]},
-                        f"{self.cfg.model.name} cut {k} ({self.block_names[k - 1]}) MSE {result['mse']:.4f}")
-        return {key: result[key] for key in GPZ_ATTACK_KEYS if key in result}
+        # the pipeline's attack stage: the same seeds, test images and worst case as a run's
+        out = pipeline.attack_all(specs, self.edge(k), self.data, self.seeds, self.device,
+                                  show_progress=self.cfg.progress, workdir=d, n_show=self.cfg.eval.recon_images)
+        worst = out.worst_case.metrics["mse"].attack if out.worst_case and "mse" in out.worst_case.metrics \
+            else next(iter(out.attacks))
+        result = out.attacks[worst].to_dict()
+        for w in out.warnings:
+            log.warning("cut %d (%s): %s", k, self.block_names[k - 1], w)
+        torch.save({"originals": out.originals, "recon": out.recon[worst], "attack": worst}, d / "recon.pt")
+        title = f"{self.cfg.model.name} cut {k} ({self.block_names[k - 1]}) MSE {result['mse']:.4f}"
+        save_recon_grid(d / "recon.png", out.originals,
+                        {f"cut {k} {self.block_names[k - 1]}" + (f" {n}" if len(specs) > 1 else ""): r
+                         for n, r in out.recon.items()}, title + (f" (worst case: {worst})" if len(specs) > 1 else ""))
+        row = {key: result[key] for key in GPZ_ATTACK_KEYS if key in result}
+        if len(specs) > 1:
+            row["worst_attack"] = worst
+            row["attack_mse"] = {n: a.mse for n, a in out.attacks.items()}
+        return row
 
     # -- the whole sweep ------------------------------------------------------------------------------------
     def run(self, cuts: str | Iterable[int | str] | None = "all", attack: bool = True,

@@ -28,7 +28,8 @@ METRIC_DIRECTIONS: dict[str, bool] = {"mse": False, "psnr": True, "ssim": True, 
 # the metrics every attack reports and every table shows (mean over images; ``<metric>_std`` beside each)
 IMAGE_METRICS: tuple[str, ...] = ("mse", "psnr", "ssim")
 # what a GPZ row keeps of the attack at its cut
-GPZ_ATTACK_KEYS: tuple[str, ...] = ("mse", "mse_std", "psnr", "psnr_std", "ssim", "ssim_std", "fit_seconds")
+GPZ_ATTACK_KEYS: tuple[str, ...] = ("mse", "mse_std", "psnr", "psnr_std", "ssim", "ssim_std", "fit_seconds",
+                                     "worst_attack", "attack_mse")   # the last two: only with several attacks
 FLAG_TEXT = {"weak_attack": "weak attack", "chance_accuracy": "chance accuracy"}
 BASELINE = "mean_image"
 
@@ -328,7 +329,7 @@ def flag_text(flags: list[str]) -> str:
 @dataclass
 class GPZRow:
     """One swept cut of a GPZ sweep (``rows.json``): the probe of the transmitted representation, the edge's
-    share of the cost and, when attacked, the inverse network's scores (``GPZ_ATTACK_KEYS``)."""
+    share of the cost and, when attacked, the worst case over the attack suite (``GPZ_ATTACK_KEYS``)."""
     cut: int
     block: str
     shape: list[int]
