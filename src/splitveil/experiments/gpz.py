@@ -204,8 +204,6 @@ class GPZSweep:
         worst = out.worst_case.metrics["mse"].attack if out.worst_case and "mse" in out.worst_case.metrics \
             else next(iter(out.attacks))
         result = out.attacks[worst].to_dict()
-        for w in out.warnings:
-            log.warning("cut %d (%s): %s", k, self.block_names[k - 1], w)
         torch.save({"originals": out.originals, "recon": out.recon[worst], "attack": worst}, d / "recon.pt")
         title = f"{self.cfg.model.name} cut {k} ({self.block_names[k - 1]}) MSE {result['mse']:.4f}"
         save_recon_grid(d / "recon.png", out.originals,
