@@ -81,3 +81,27 @@ def test_end_to_end_privacy_signal_and_records(tmp_path, data_root):
     assert clean["run_id"] in md and noisy["run_id"] in md
     csv_lines = (tmp_path / "report.csv").read_text().strip().splitlines()
     assert len(csv_lines) == 3 and "inverse_network.mse" in csv_lines[0]
+
+
+def test_train_init_from_warm_starts_from_a_checkpoint(tmp_path, data_root):
+    """train.init_from loads a finished run's weights before the first epoch: with 0 epochs the warm-started run
+    is the same model (same accuracy), the file's SHA-256 is recorded; a checkpoint of another model is refused
+    naming the field."""
+    import hashlib
+
+    from splitveil.experiments.run import run_experiment
+    from splitveil.params import ConfigError
+
+    small = {"attacks.inverse_network.epochs": 1, "train.epochs": 2}
+    first = run_experiment(tiny_config(**small), tmp_path / "a")
+    ckpt = tmp_path / "a" / first["run_id"] / "checkpoint.pt"
+    cold = run_experiment(tiny_config(**{**small, "train.epochs": 0}), tmp_path / "b")
+    warm = run_experiment(tiny_config(**{**small, "train.epochs": 0, "train.init_from": str(ckpt)}), tmp_path / "c")
+    assert warm["accuracy"] == pytest.approx(first["accuracy"], abs=1e-9)
+    assert cold["accuracy"] != pytest.approx(first["accuracy"], abs=1e-9)      # an untrained model differs
+    assert warm["init_from"] == {"path": str(ckpt), "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()}
+    assert "init_from" not in cold
+    with pytest.raises(ConfigError, match="train.init_from"):
+        run_experiment(tiny_config(**{**small, "model.width": 0.25, "train.init_from": str(ckpt)}), tmp_path / "d")
+    with pytest.raises(ConfigError, match="train.init_from: no checkpoint"):
+        run_experiment(tiny_config(**{**small, "train.init_from": str(tmp_path / "none.pt")}), tmp_path / "e")

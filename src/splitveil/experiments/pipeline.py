@@ -31,6 +31,7 @@ from ..data import DataBundle, ImageSplit, build_data
 from ..defenses import DefenseStack, Edge, build_defenses
 from ..metrics import edge_cost
 from ..models import SplitModel, build_split_model
+from ..params import ConfigError
 from ..results.figures import save_recon_grid
 from ..results.records import BASELINE, AttackResult, EdgeCost, ImageScores, RunRecord, WorstCase, weak_attack_warnings
 from ..training import Trainer
@@ -133,6 +134,7 @@ class Trained:
     accuracy: float
     flags: list[str]
     train_s: float
+    init_from: dict[str, str | None] | None = None    # train.init_from: {path, sha256} of the warm start
 
 
 def chance_accuracy(labels: torch.Tensor, num_classes: int) -> float:
@@ -152,10 +154,47 @@ def quality_flags(accuracy: float, data) -> list[str]:
     return flags
 
 
+def load_init(model: SplitModel, path: str) -> dict[str, str]:
+    """``train.init_from``: load the model weights of the checkpoint at ``path`` into ``model`` (every tensor must
+    match by name and shape); returns {path, sha256} for the record."""
+    f = Path(path).expanduser()
+    if not f.is_file():
+        raise ConfigError(f"train.init_from: no checkpoint file at {f}")
+    try:
+        st = torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as e:   # a truncated or foreign file: name it
+        raise ConfigError(f"train.init_from: {f} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    weights = st.get("model", st) if isinstance(st, dict) else None
+    if not isinstance(weights, dict):
+        raise ConfigError(f"train.init_from: {f} holds no model state dict (expected a run's checkpoint.pt)")
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    bad = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or bad:
+        raise ConfigError(f"train.init_from: {f} does not fit this model (model.name, width, cut and bottleneck "
+                          f"must match): missing {missing[:3]}, unexpected {unexpected[:3]}, shape differs {bad[:3]}")
+    model.load_state_dict(weights)
+    digest = file_sha256(f)
+    log.info("train.init_from: weights of %s (sha256 %s)", f, digest[:12])
+    return {"path": str(f), "sha256": digest}
+
+
+def file_sha256(f: Path) -> str | None:
+    import hashlib
+
+    return hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
+
+
 def train(cfg: RunConfig, prep: Prepared, ckpt_path: Path | None = None, resume: bool = False,
           run_id: str | None = None) -> Trained:
     """Stage 2: train under the defenses (resuming from ``ckpt_path`` when asked), then the test accuracy with the
     defenses active as at inference, and the quality flags."""
+    resuming = bool(resume and ckpt_path is not None and ckpt_path.exists())
+    init = None
+    if cfg.train.init_from:   # a resumed run continues from its own checkpoint, which already holds the warm start
+        init = load_init(prep.model, cfg.train.init_from) if not resuming else \
+            {"path": str(Path(cfg.train.init_from).expanduser()),
+             "sha256": file_sha256(Path(cfg.train.init_from).expanduser())}
     trainer = Trainer(prep.model, prep.defenses, prep.data, cfg.train, prep.device, seed=prep.seeds.train,
                       ckpt_path=ckpt_path, show_progress=cfg.progress, augment=cfg.data.augment)
     if run_id is not None:
@@ -169,7 +208,7 @@ def train(cfg: RunConfig, prep: Prepared, ckpt_path: Path | None = None, resume:
     if flags:
         log.warning("test accuracy %.4f is at chance level: the model learned nothing (check train.lr and "
                     "train.epochs); its privacy numbers are meaningless", accuracy)
-    return Trained(trainer, history, accuracy, flags, train_s)
+    return Trained(trainer, history, accuracy, flags, train_s, init)
 
 
 # -- stage 3: the edge -----------------------------------------------------------------------------------------
@@ -284,7 +323,8 @@ def record(cfg: RunConfig, run_id: str, prep: Prepared, trained: Trained, diagno
         weak_attack=weak, warnings=outcome.warnings, lpips=dict(LPIPS_UNAVAILABLE), cost=cost,
         history=trained.history, sizes={"train": len(data.train), "test": len(data.test), "aux": len(data.aux)},
         timings=timings, versions=versions(), device=str(prep.device), threads=torch.get_num_threads(),
-        precision=trained.trainer.amp.info())   # resolved train.precision / train.channels_last
+        precision=trained.trainer.amp.info(),   # resolved train.precision / train.channels_last
+        extra={"init_from": trained.init_from} if trained.init_from else {})
 
 
 # -- the whole run ---------------------------------------------------------------------------------------------

@@ -37,9 +37,15 @@ class TrainConfig:
     # tensors; auto: bf16 + channels-last where the device runs bf16 fast, fp32 elsewhere (splitveil.precision)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool | Literal["auto"] = "auto"
+    # warm start: a checkpoint (a run's checkpoint.pt, or a bare state dict of the same split model) whose model
+    # weights are loaded before the first epoch; optimizer, schedule and defenses start fresh. Its SHA-256 is
+    # recorded in metrics.json (the run id hashes the path, not the file)
+    init_from: str | None = None
 
     def validate(self) -> None:
         require(self.epochs >= 0, "epochs", "must be >= 0")
+        require(self.init_from is None or (isinstance(self.init_from, str) and self.init_from.strip() != ""),
+                "init_from", "must be a checkpoint path or null")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
         require(self.lr > 0, "lr", "must be positive")
         require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
