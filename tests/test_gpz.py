@@ -334,5 +334,9 @@ def test_sweep_scores_the_worst_case_over_the_configured_suite(tmp_path, data_ro
     assert row["mse"] == pytest.approx(row["attack_mse"]["inverse_network_plus"])
     stored = json.loads((sweep.run_dir / "rows.json").read_text())["2"]
     assert stored["worst_attack"] == "inverse_network_plus" and stored["mse"] == pytest.approx(row["mse"])
+    from splitveil.report.gpz import write_sweep
+    write_sweep(sweep.run("2", attack=True))
+    assert "worst-case attack" in (sweep.run_dir / "gpz.md").read_text()
+    assert "| inverse_network_plus |" in (sweep.run_dir / "gpz.md").read_text()
     saved = torch.load(sweep.cut_dir(2) / "recon.pt")
     assert saved["attack"] == "inverse_network_plus" and saved["recon"].shape == saved["originals"].shape

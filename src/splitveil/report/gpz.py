@@ -54,8 +54,9 @@ def markdown_table(rows: list[dict[str, Any]], zone: dict[str, Any]) -> str:
     attack = any(r.get("mse") is not None for r in rows)
     head = ["cut", "block", "shape", "d", "R_c^2 mean +- std", "R_c^2 95% CI", "drop", "within-class frac", "sigma_feat^2",
             "d/2 ln(2pie s^2)", "D/2 ln(2pie R^2/D)+lnK", "edge params %", "edge FLOPs %", "payload B"]
+    several = any(r.get("worst_attack") for r in rows)   # a suite of attacks: name the worst case's
     if attack:
-        head += ["MSE", "PSNR", "SSIM"]
+        head += ["MSE", "PSNR", "SSIM"] + (["worst-case attack"] if several else [])
     head.append("zone")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     drops = dict(zip([r["cut"] for r in rows[1:]], zone.get("drops", [])))
@@ -68,6 +69,8 @@ def markdown_table(rows: list[dict[str, Any]], zone: dict[str, Any]) -> str:
                  _f(100 * r["edge_params_share"], ".1f"), _f(100 * r["edge_flops_share"], ".1f"), f"{r['payload_bytes']:,}"]
         if attack:
             cells += [_f(r.get("mse"), ".4f"), _f(r.get("psnr"), ".2f"), _f(r.get("ssim"), ".3f")]
+            if several:
+                cells.append(r.get("worst_attack") or "-")
         cells.append("*" if _in_zone(zone, r["cut"]) else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -76,7 +79,7 @@ def markdown_table(rows: list[dict[str, Any]], zone: dict[str, Any]) -> str:
 CSV_FIELDS = ["cut", "block", "shape", "d", "probe_images", "rc2_mean", "rc2_ci_low", "rc2_ci_high", "rc2_std", "rc2_max",
               "rc2_classes", "rc2_excluded", "rc2_per_class", "sigma2",
               "within_fraction", "h_feat_bound", "h_dec_bound", "num_classes", "edge_params", "edge_params_share",
-              "edge_flops", "edge_flops_share", "payload_bytes", "mse", "mse_std", "psnr", "ssim", "in_zone",
+              "edge_flops", "edge_flops_share", "payload_bytes", "mse", "mse_std", "psnr", "ssim", "worst_attack", "in_zone",
               "zone_rule"]
 
 
