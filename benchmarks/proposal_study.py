@@ -12,6 +12,8 @@ Writes to --dest (default benchmarks/results/proposal_study/):
   report.md, report.csv, summary.csv, gains.csv, report.tex, report_files/*.png|pdf
                  the grouped report with equal-utility gains over gaussian_noise and over each CEM variant
                  (splitveil report --format md,csv,latex --reference ...), built from the merged export
+
+--include EXPORT_DIR:DEFENSE merges one arm of another export (same protocol, run later) into this one.
 Nothing here trains or attacks anything."""
 from __future__ import annotations
 
@@ -70,10 +72,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="the study's runs folder (holding results.sqlite); may be missing: the export alone is reported")
     ap.add_argument("--dest", default=str(ROOT / "benchmarks" / "results" / "proposal_study"))
     ap.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates per gain interval")
+    ap.add_argument("--include", action="append", default=[], metavar="EXPORT_DIR:DEFENSE",
+                    help="also merge the runs of another export (its results.json) whose defense label is DEFENSE "
+                         "(e.g. an arm run later with the same protocol); repeatable")
     args = ap.parse_args(argv)
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
     rows = finished_rows(Path(args.runs))
+    for inc in args.include:
+        folder, _, label = inc.rpartition(":")
+        if not folder or not label:
+            ap.error(f"--include {inc!r}: expected EXPORT_DIR:DEFENSE")
+        other = [r for r in json.loads((Path(folder) / "results.json").read_text()).get("runs", [])
+                 if r.get("defense") == label]
+        if not other:
+            ap.error(f"--include {inc!r}: no run with defense {label!r} in {Path(folder) / 'results.json'}")
+        rows += other
+        print(f"{len(other)} runs of {label} from {folder}")
     runs = merge_export(dest, rows)
     tmp = dest / "results.json.tmp"
     tmp.write_text(json.dumps({"source": str(args.runs), "runs": runs}, indent=1, default=str))
