@@ -13,7 +13,9 @@ from ..results.store import open_store, results_paths
 from .results import run_summary
 
 # config fields that never define a group (seeds are what a group averages over)
-IGNORED_FIELDS = {"name", "seed", "progress", "device", "data.root", "data.cache", "defense.name"}
+IGNORED_FIELDS = {"name", "seed", "progress", "device", "threads", "data.root", "data.cache", "defense.name"}
+# device and threads change how a run computes (and its float rounding), not what it measures: runs differing only
+# there are seeds of one group
 
 
 @dataclass
