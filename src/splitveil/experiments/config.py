@@ -77,6 +77,9 @@ class RunConfig:
         d["defense"], d["attacks"] = self.defense.to_dict(), self.attacks.to_dict()
         if not self.plugins:
             del d["plugins"]
+        # fields added later are written only when set, so configs and run ids from before them are unchanged
+        if d["train"].get("init_from") is None:
+            del d["train"]["init_from"]
         return d
 
     def defense_label(self) -> str:
