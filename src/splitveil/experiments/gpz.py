@@ -205,12 +205,13 @@ class GPZSweep:
             else next(iter(out.attacks))
         result = out.attacks[worst].to_dict()
         torch.save({"originals": out.originals, "recon": out.recon[worst], "attack": worst}, d / "recon.pt")
+        several = len(specs) > 1
         title = f"{self.cfg.model.name} cut {k} ({self.block_names[k - 1]}) MSE {result['mse']:.4f}"
         save_recon_grid(d / "recon.png", out.originals,
-                        {f"cut {k} {self.block_names[k - 1]}" + (f" {n}" if len(specs) > 1 else ""): r
-                         for n, r in out.recon.items()}, title + (f" (worst case: {worst})" if len(specs) > 1 else ""))
+                        {f"cut {k} {self.block_names[k - 1]}" + (f" {n}" if several else ""): r
+                         for n, r in out.recon.items()}, title + (f" (worst case: {worst})" if several else ""))
         row = {key: result[key] for key in GPZ_ATTACK_KEYS if key in result}
-        if len(specs) > 1:
+        if several:
             row["worst_attack"] = worst
             row["attack_mse"] = {n: a.mse for n, a in out.attacks.items()}
         return row

@@ -154,10 +154,9 @@ def quality_flags(accuracy: float, data) -> list[str]:
     return flags
 
 
-def load_init(model: SplitModel, path: str) -> dict[str, str]:
-    """``train.init_from``: load the model weights of the checkpoint at ``path`` into ``model`` (every tensor must
+def load_init(model: SplitModel, f: Path) -> dict[str, str | None]:
+    """``train.init_from``: load the model weights of the checkpoint ``f`` into ``model`` (every tensor must
     match by name and shape); returns {path, sha256} for the record."""
-    f = Path(path).expanduser()
     if not f.is_file():
         raise ConfigError(f"train.init_from: no checkpoint file at {f}")
     try:
@@ -175,7 +174,7 @@ def load_init(model: SplitModel, path: str) -> dict[str, str]:
                           f"must match): missing {missing[:3]}, unexpected {unexpected[:3]}, shape differs {bad[:3]}")
     model.load_state_dict(weights)
     digest = file_sha256(f)
-    log.info("train.init_from: weights of %s (sha256 %s)", f, digest[:12])
+    log.info("train.init_from: weights of %s (sha256 %s)", f, (digest or "")[:12])
     return {"path": str(f), "sha256": digest}
 
 
@@ -192,9 +191,8 @@ def train(cfg: RunConfig, prep: Prepared, ckpt_path: Path | None = None, resume:
     resuming = bool(resume and ckpt_path is not None and ckpt_path.exists())
     init = None
     if cfg.train.init_from:   # a resumed run continues from its own checkpoint, which already holds the warm start
-        init = load_init(prep.model, cfg.train.init_from) if not resuming else \
-            {"path": str(Path(cfg.train.init_from).expanduser()),
-             "sha256": file_sha256(Path(cfg.train.init_from).expanduser())}
+        f = Path(cfg.train.init_from).expanduser()
+        init = {"path": str(f), "sha256": file_sha256(f)} if resuming else load_init(prep.model, f)
     trainer = Trainer(prep.model, prep.defenses, prep.data, cfg.train, prep.device, seed=prep.seeds.train,
                       ckpt_path=ckpt_path, show_progress=cfg.progress, augment=cfg.data.augment)
     if run_id is not None:
