@@ -1,7 +1,9 @@
 """CEM with a per-class mixture surrogate (Xia et al., CVPR 2025; DESIGN.md section 3; docs/cem.md).
 
 Refit (after every epoch, as the released code): the encoder's eval-mode, noise-free features of the training
-split (or of a seeded sample of ``refit_per_class`` images per class, the same images every epoch) are
+split (or of a seeded sample of ``refit_per_class`` images per class, the same images every epoch), encoded by
+an inference copy of the encoder with each BN folded into its convolution and each ReLU moved after its
+max-pool (models/fuse.py: the same features up to float rounding, about twice as fast on CPU), are
 clustered per class by k-means in torch on the device: k-means++ start the first time a class is fitted,
 warm-started from the previous centroids afterwards, up to ``kmeans_iters`` Lloyd iterations (stopping early
 when no assignment changes), classes processed in chunks of bounded memory, random draws from the defense's
@@ -35,6 +37,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..models.fuse import inference_copy
 from ..params import require
 from .base import DEFENSES
 from .cem_common import CEMDefense, CEMParams, class_masks, component_stats, flat
@@ -253,21 +256,16 @@ class CEMGMM(CEMDefense):
         """Eval-mode, noise-free features of the refit images, then the k-means. ``amp``: the training loop's
         :class:`~splitveil.precision.MixedPrecision`, so the encoding runs at the precision and layout of the
         training step (the features are cast to float32 before any statistic)."""
-        enc = model.encoder
-        was = enc.training
-        enc.eval()
+        enc, _ = inference_copy(model.encoder)     # eval mode; BN folded, ReLU after max-pool: ~2x faster on CPU
         zs, ys = [], []
-        try:
-            for x, y in data.batches(self.refit_source(data), self.params.refit_batch_size, device):
-                if amp is None:
-                    z = enc(x)
-                else:
-                    with amp.autocast():
-                        z = enc(amp.input(x))
-                zs.append(z.float().flatten(1))
-                ys.append(y)
-        finally:
-            enc.train(was)
+        for x, y in data.batches(self.refit_source(data), self.params.refit_batch_size, device):
+            if amp is None:
+                z = enc(x)
+            else:
+                with amp.autocast():
+                    z = enc(amp.input(x))
+            zs.append(z.float().flatten(1))
+            ys.append(y)
         dev = self.centroids.device
         gen = torch.Generator(device=dev).manual_seed(1_000_003 * self.seed + 7919 * epoch + 11)
         self.fit_features(torch.cat(zs).to(dev), torch.cat(ys).to(dev), gen)
