@@ -311,6 +311,23 @@ def test_nan_parameter_or_feature_leaves_every_encoder_gradient_finite(name, whe
     assert info["nonfinite_skipped"] >= 1 and info["nonfinite_grads_blocked"] >= 1
 
 
+@pytest.mark.parametrize("name", ["cem_slot_cross", "cem_gated_pool"])
+def test_surrogate_parameter_gradients_are_zeroed_where_not_finite_and_counted_once(name):
+    d = make(name, 3, 8, sigma=0.1, lambda_schedule="constant")
+    prms = [p for p in d.parameters() if p.requires_grad]
+    a, b = prms[0], prms[1]
+    poison = torch.ones_like(a)
+    poison.view(-1)[0] = float("nan")
+    ((a * poison).sum() + (b * float("inf")).sum() + (b * 0).sum()).backward()
+    assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+    assert float(a.grad.view(-1)[0]) == 0 and float(a.grad.view(-1)[-1]) == 1       # only the bad entry zeroed
+    assert d.info()["nonfinite_grads_blocked"] == 1                                   # one backward pass, counted once
+    for p in prms:
+        p.grad = None
+    (a.sum() + b.sum()).backward()
+    assert d.info()["nonfinite_grads_blocked"] == 1                                   # finite: not counted
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_finite_terms_pass_the_guard_unchanged(name):
     torch.manual_seed(0)

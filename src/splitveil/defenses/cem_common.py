@@ -176,11 +176,20 @@ def guarded_term(value: torch.Tensor, state: GuardState) -> torch.Tensor:
     return _GuardExit.apply(value, state)
 
 
-def _finite_grad_hook(counters: torch.Tensor):
-    def hook(g: torch.Tensor) -> torch.Tensor:
-        bad = ~torch.isfinite(g)
-        counters[1] += bad.any().long()
-        return torch.where(bad, torch.zeros_like(g), g)
+def _zero_nonfinite(g: torch.Tensor) -> torch.Tensor:
+    """A parameter's gradient with its NaN and +-inf entries replaced by 0 (one op: this runs per parameter)."""
+    return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _count_nonfinite(counters: torch.Tensor):
+    """One hook for all the surrogate's parameters (registered before the per-parameter zeroing hooks, so it
+    sees the raw gradients): counts a backward pass in which any of them had a non-finite entry. The inf-norm
+    is non-finite exactly when an entry is (NaN propagates through the max)."""
+    def hook(grads) -> None:
+        gs = [g for g in grads if g is not None]
+        if gs:
+            norm = torch.nn.utils.get_total_norm(gs, norm_type=float("inf"), foreach=True)
+            counters[1] += (~torch.isfinite(norm)).long()
     return hook
 
 
@@ -302,11 +311,16 @@ class CEMDefense(Defense):
         self.num_classes, self.dim = num_classes, dim
 
     def _protect(self) -> None:
-        """Zero non-finite gradient entries of the surrogate's own parameters (counted)."""
-        for prm in self.parameters():
-            if id(prm) not in self._protected and prm.requires_grad:
-                prm.register_hook(_finite_grad_hook(self.nonfinite))
-                self._protected.add(id(prm))
+        """Zero non-finite gradient entries of the surrogate's own parameters (counted once per backward pass).
+        Two hooks instead of a check per parameter: the surrogate has ~40 small parameters and the per-parameter
+        isfinite/any/where cost ~15% of the slot surrogate's step on CPU."""
+        new = [prm for prm in self.parameters() if id(prm) not in self._protected and prm.requires_grad]
+        if not new:
+            return
+        torch.autograd.graph.register_multi_grad_hook(new, _count_nonfinite(self.nonfinite))   # first: raw grads
+        for prm in new:
+            prm.register_hook(_zero_nonfinite)
+            self._protected.add(id(prm))
 
     def setup(self, ctx) -> None:
         self.num_classes = int(ctx.data.num_classes)
