@@ -13,7 +13,8 @@ Writes to --dest (default benchmarks/results/proposal_study/):
                  the grouped report with equal-utility gains over gaussian_noise and over each CEM variant
                  (splitveil report --format md,csv,latex --reference ...), built from the merged export
 
---include EXPORT_DIR:DEFENSE merges one arm of another export (same protocol, run later) into this one.
+--include EXPORT_DIR:DEFENSE merges one arm of another export (same protocol, run later) into this one;
+--exclude RUN_ID leaves an included run out (e.g. a check point that repeats a setting already in the export).
 Nothing here trains or attacks anything."""
 from __future__ import annotations
 
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--include", action="append", default=[], metavar="EXPORT_DIR:DEFENSE",
                     help="also merge the runs of another export (its results.json) whose defense label is DEFENSE "
                          "(e.g. an arm run later with the same protocol); repeatable")
+    ap.add_argument("--exclude", action="append", default=[], metavar="RUN_ID",
+                    help="leave this run out of the --include'd runs (e.g. a check point rerun); repeatable")
     args = ap.parse_args(argv)
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -87,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                  if r.get("defense") == label]
         if not other:
             ap.error(f"--include {inc!r}: no run with defense {label!r} in {Path(folder) / 'results.json'}")
-        rows += other
-        print(f"{len(other)} runs of {label} from {folder}")
+        kept = [r for r in other if r["run_id"] not in args.exclude]
+        rows += kept
+        print(f"{len(kept)} runs of {label} from {folder}" + (f" ({len(other) - len(kept)} excluded)" if len(kept) < len(other) else ""))
     runs = merge_export(dest, rows)
     tmp = dest / "results.json.tmp"
     tmp.write_text(json.dumps({"source": str(args.runs), "runs": runs}, indent=1, default=str))
