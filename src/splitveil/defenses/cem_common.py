@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..models.fuse import inference_copy
 from ..params import ConfigError, require
 from .base import Defense
 
@@ -195,18 +196,21 @@ def _count_nonfinite(counters: torch.Tensor):
 
 # -- diagnostics ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def encode_split(model, data, part: str, device, batch_size: int = 256):
-    """Eval-mode, noise-free encoder features (N, D) float32 and labels of a data split."""
-    enc = model.encoder
-    was = enc.training
-    enc.eval()
+def encode_images(encoder, data, split, device, batch_size: int = 256, amp=None):
+    """Eval-mode, noise-free encoder features (N, D) float32 and labels of the images of ``split`` (an
+    ImageSplit), encoded by an inference copy of ``encoder`` (models/fuse.py: BN folded, ReLU after max-pool; the
+    encoder itself is not touched). ``amp``: a :class:`~splitveil.precision.MixedPrecision`, to encode at the
+    training loop's precision and layout."""
+    enc, _ = inference_copy(encoder)
     zs, ys = [], []
-    try:
-        for x, y in data.batches(getattr(data, part), batch_size, device):
-            zs.append(enc(x).flatten(1).float())
-            ys.append(y)
-    finally:
-        enc.train(was)
+    for x, y in data.batches(split, batch_size, device):
+        if amp is None:
+            z = enc(x)
+        else:
+            with amp.autocast():
+                z = enc(amp.input(x))
+        zs.append(z.float().flatten(1))
+        ys.append(y)
     return torch.cat(zs), torch.cat(ys)
 
 
@@ -393,7 +397,7 @@ class CEMDefense(Defense):
         return None
 
     def diagnostics(self, model, data, device) -> dict[str, Any]:
-        z, y = encode_split(model, data, "test", device)
+        z, y = encode_images(model.encoder, data, data.test, device)
         return feature_diagnostics(z, y, self.num_classes or int(data.num_classes), self.params.sigma, self.tau,
                                    self.diagnostic_centroids())
 

@@ -37,10 +37,9 @@ from typing import Any, Literal
 
 import torch
 
-from ..models.fuse import inference_copy
 from ..params import require
 from .base import DEFENSES
-from .cem_common import CEMDefense, CEMParams, class_masks, component_stats, flat
+from .cem_common import CEMDefense, CEMParams, class_masks, component_stats, encode_images, flat
 
 
 @dataclass
@@ -256,19 +255,10 @@ class CEMGMM(CEMDefense):
         """Eval-mode, noise-free features of the refit images, then the k-means. ``amp``: the training loop's
         :class:`~splitveil.precision.MixedPrecision`, so the encoding runs at the precision and layout of the
         training step (the features are cast to float32 before any statistic)."""
-        enc, _ = inference_copy(model.encoder)     # eval mode; BN folded, ReLU after max-pool: ~2x faster on CPU
-        zs, ys = [], []
-        for x, y in data.batches(self.refit_source(data), self.params.refit_batch_size, device):
-            if amp is None:
-                z = enc(x)
-            else:
-                with amp.autocast():
-                    z = enc(amp.input(x))
-            zs.append(z.float().flatten(1))
-            ys.append(y)
+        z, y = encode_images(model.encoder, data, self.refit_source(data), device, self.params.refit_batch_size, amp)
         dev = self.centroids.device
         gen = torch.Generator(device=dev).manual_seed(1_000_003 * self.seed + 7919 * epoch + 11)
-        self.fit_features(torch.cat(zs).to(dev), torch.cat(ys).to(dev), gen)
+        self.fit_features(z.to(dev), y.to(dev), gen)
 
     def on_epoch_start(self, ctx, epoch: int) -> None:
         super().on_epoch_start(ctx, epoch)
