@@ -73,6 +73,24 @@ def test_only_commuting_layers_are_swapped():
         torch.testing.assert_close(fused(x), net.eval()(x))
 
 
+def test_layers_with_hooks_are_left_alone():
+    """A hooked layer may change what it computes (torch.nn.utils.prune recomputes a conv's weight in a forward
+    pre-hook, which would undo a fold): a hooked conv keeps its BN, a hooked ReLU keeps its place."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+    _randomise_bn(net)
+    net[0].register_forward_pre_hook(lambda m, inp: None)
+    net[5].register_forward_hook(lambda m, inp, out: out * 2)
+    fused, counts = inference_copy(net)
+    assert counts == {"conv_bn_folded": 0, "relu_pool_swapped": 1}
+    assert [type(m) for m in fused] == [nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ReLU, nn.Conv2d, nn.ReLU,
+                                        nn.MaxPool2d]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), net.eval()(x), rtol=1e-5, atol=1e-5)
+
+
 def test_cem_gmm_refit_uses_the_eval_features():
     """The refit's mixture equals a k-means on the plain eval-mode encoder's features (same generator)."""
     torch.manual_seed(0)

@@ -8,7 +8,8 @@ Two rewrites, both exact in real arithmetic for a module in eval mode (only floa
 - a ``ReLU`` directly followed by a ``MaxPool2d`` becomes the pool then the ReLU: ReLU is monotone, so the max of
   the rectified values is the rectified max, and the ReLU then touches 1/4 of the elements (2x2 pool).
 
-Other layers are left as they are (an ``AvgPool2d`` does not commute with ReLU and is never swapped). On CPU the
+Other layers are left as they are (an ``AvgPool2d`` does not commute with ReLU and is never swapped), and so
+is any layer with hooks or a parametrization. On CPU the
 element-wise BN/ReLU passes of a VGG block cost more than its convolution at bf16, so the copy encodes in about
 half the time. Used by the CEM-GMM refit, which encodes the training split once per epoch.
 """
@@ -19,6 +20,7 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -41,13 +43,19 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return fused
 
 
+def _plain(*modules: nn.Module) -> bool:
+    """No hooks and no parametrization (e.g. torch.nn.utils.prune recomputes ``weight`` in a pre-hook, which
+    would overwrite a folded weight): such layers are left as they are."""
+    return not any(m._forward_hooks or m._forward_pre_hooks or parametrize.is_parametrized(m) for m in modules)
+
+
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     return (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.track_running_stats
-            and bn.running_mean is not None and bn.num_features == conv.out_channels)
+            and bn.running_mean is not None and bn.num_features == conv.out_channels and _plain(conv, bn))
 
 
 def _swappable(relu: nn.Module, pool: nn.Module) -> bool:
-    return type(relu) is nn.ReLU and type(pool) is nn.MaxPool2d and not pool.return_indices
+    return type(relu) is nn.ReLU and type(pool) is nn.MaxPool2d and not pool.return_indices and _plain(relu, pool)
 
 
 def _rewrite(module: nn.Module) -> dict[str, int]:
