@@ -542,3 +542,25 @@ def test_ir_decoder_is_a_decoder_option():
         coerce(InverseNetworkPlusParams, {"arch": "ir"})
     with pytest.raises(ConfigError, match="arch"):
         coerce(InverseNetworkParams, {"arch": "unet"})
+
+
+def test_rmle_pyramid_levels_and_start():
+    """The pyramid runs from the full size down to 2 pixels on the shorter side; ``levels`` caps it; ``pixels``
+    optimises the image itself; every reconstruction lies in [0, 1]."""
+    def levels(size, **kw):
+        data = synthetic_bundle(n=4, size=size)
+        a = RmleAttack(RmleParams(steps=1, tv_weight=0.0, **kw), show_progress=False)
+        a.fit(plain_edge(nn.Identity()), data)
+        return a._levels()
+    assert levels(32) == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]
+    assert levels(28) == [(28, 28), (14, 14), (7, 7), (3, 3)]
+    assert levels(32, levels=2) == [(32, 32), (16, 16)]
+    assert levels(32, parameterization="pixels") == [(32, 32)]
+    data = synthetic_bundle(size=16)
+    edge = plain_edge(nn.Conv2d(1, 2, 3, stride=4, padding=1))
+    z = edge(data.to_model_input(data.test.images, "cpu"))
+    a = RmleAttack(RmleParams(steps=30, lr=0.5, tv_weight=0.0), show_progress=False)
+    a.fit(edge, data)
+    x = a.invert(z)
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert float(a.residual(x, z).mean()) < float(a.residual(torch.full_like(x, 0.5), z).mean())

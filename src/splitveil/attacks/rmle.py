@@ -20,6 +20,14 @@ one whose mean residual stays <= 1 (the residual the truth itself would leave) i
 one with the smallest residual. Only features are used, never the test images. TV is the anisotropic total
 variation (mean absolute difference of neighbouring pixels). Images are optimised in batches, each image
 independently of the others.
+
+Parameterisation (``parameterization``): by default the image is a sum of bilinearly upsampled layers at
+resolutions H, H/2, ..., down to 2 pixels (a Laplacian-pyramid-like basis, ``levels``) added to the start image,
+clamped to [0, 1] with a straight-through gradient. Adam moves each coefficient by about lr per step whatever
+its gradient's size, so a coarse coefficient moves a whole block of pixels at once: on the CPU benchmark target
+(VGG11 at conv2, 8x8x8 features) this reached MSE 0.019 in 1,000-2,000 steps where optimising the pixels
+directly stalled at 0.035-0.09 (residual stuck high, the lr too large for fine pixels); ``pixels`` keeps the
+plain pixel optimisation (projected onto [0, 1] after every step).
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ from typing import Any, Literal
 
 import math
 import torch
+import torch.nn.functional as F
 
 from ..data import DataBundle
 from ..defenses import Edge
@@ -41,10 +50,12 @@ from .base import ATTACKS, Attack
 @dataclass
 class RmleParams:
     steps: int = 2000                # Adam steps per batch of images (He et al. use 5,000)
-    lr: float = 0.05                 # Adam learning rate on [0, 1] pixel values (cosine-decayed to 0)
+    lr: float = 0.02                 # Adam learning rate on [0, 1] pixel values (cosine-decayed to 0)
     schedule: Literal["cosine", "none"] = "cosine"
+    parameterization: Literal["pyramid", "pixels"] = "pyramid"   # see the module docstring
+    levels: int | None = None        # pyramid levels; None: down to 2 pixels on the shorter side
     tv_weight: float | None = None   # lambda_TV; None: chosen from tv_grid by the feature residual
-    tv_grid: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0])
+    tv_grid: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0])
     tolerance: float = 1e-3          # s^2 = noise variance + tolerance * mean(z_obs^2): the residual a fit may leave
     select_images: int = 32          # features (the first ones attacked) used to choose the TV weight
     batch_size: int = 128            # images optimised together (independently)
@@ -55,6 +66,7 @@ class RmleParams:
 
     def validate(self) -> None:
         require(self.steps >= 1, "steps", "must be >= 1")
+        require(self.levels is None or self.levels >= 1, "levels", "must be >= 1 or null")
         require(self.lr > 0, "lr", "must be positive")
         require(self.tv_weight is None or self.tv_weight >= 0, "tv_weight", "must be >= 0 or null")
         require(len(self.tv_grid) >= 1 and all(w >= 0 for w in self.tv_grid), "tv_grid", "must list weights >= 0")
@@ -216,14 +228,39 @@ class RmleAttack(Attack):
             atomic_torch_save(state, ckpt)
         return x
 
+    def _levels(self) -> list[tuple[int, int]]:
+        """The pyramid's resolutions, finest first (one level, the full size, for ``pixels``)."""
+        _, h, w = self.data.image_shape
+        if self.params.parameterization == "pixels":
+            return [(h, w)]
+        sizes, k = [], 0
+        while (self.params.levels is None or k < self.params.levels) and (k == 0 or min(h >> k, w >> k) >= 2):
+            sizes.append((h >> k, w >> k))
+            k += 1
+        return sizes
+
     def _optimise(self, z: torch.Tensor, tv_weight: float, seed: int) -> torch.Tensor:
-        """The optimisation of one batch: Adam on the pixels (clamped to [0, 1] after every step)."""
+        """The optimisation of one batch: Adam on the pyramid's coefficients (or on the pixels, clamped to [0, 1]
+        after every step)."""
         p, n = self.params, z.shape[0]
         gen = torch.Generator().manual_seed(seed)
         shape = self.data.image_shape
         x0 = torch.rand(n, *shape, generator=gen) if self.start is None else self.start.expand(n, *shape)
-        x = x0.clone().to(self.device).requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=p.lr)
+        base = x0.clone().to(self.device)
+        pixels = p.parameterization == "pixels"
+        if pixels:
+            coeffs = [base.clone().requires_grad_(True)]
+        else:
+            coeffs = [torch.zeros(n, shape[0], h, w, device=self.device, requires_grad=True) for h, w in self._levels()]
+
+        def image() -> torch.Tensor:
+            if pixels:
+                return coeffs[0]
+            x = base + sum(c if c.shape[-2:] == base.shape[-2:] else
+                           F.interpolate(c, size=base.shape[-2:], mode="bilinear", align_corners=False) for c in coeffs)
+            return x + (x.clamp(0.0, 1.0) - x).detach()      # in [0, 1]; straight-through gradient
+
+        opt = torch.optim.Adam(coeffs, lr=p.lr)
         sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, p.steps) / p.steps)))
                  if p.schedule == "cosine" else None)
         t0 = time.perf_counter()
@@ -231,16 +268,21 @@ class RmleAttack(Attack):
         with torch.enable_grad(), torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)
             for step in bar:
+                x = image()
                 dist = self.residual(x, z)
                 loss = (dist + tv_weight * total_variation(x)).sum()
-                x.grad, = torch.autograd.grad(loss, x)
+                grads = torch.autograd.grad(loss, coeffs)
+                for c, g in zip(coeffs, grads):
+                    c.grad = g
                 opt.step()
                 if sched:
                     sched.step()
-                with torch.no_grad():
-                    x.clamp_(0.0, 1.0)
+                if pixels:
+                    with torch.no_grad():
+                        coeffs[0].clamp_(0.0, 1.0)
                 if step % 50 == 0:
                     bar.set_postfix(residual=f"{float(dist.detach().mean()):.4f}")
                 if p.max_seconds is not None and time.perf_counter() - t0 > p.max_seconds:
                     break
-        return x.detach()
+        with torch.no_grad():
+            return image().clamp(0.0, 1.0).detach()
