@@ -84,7 +84,8 @@ def run_cell(args, cut, defense, attack, factor) -> dict:
     params = cls.Params(**{**over, key: budget, **dict(args.set or [])})
     torch.manual_seed(0)
     result, _, _ = run_attack(cls(params, seed=1, show_progress=False), edge, data, seed=7)
-    keep = ("fit.steps", "fit.best_epoch", "fit.val_mse", "fit.val_curve", "fit.precision", "fit.channels_last")
+    keep = ("fit.steps", "fit.best_epoch", "fit.val_mse", "fit.val_curve", "fit.precision", "fit.channels_last",
+            "fit.tv_weight", "fit.tv_selection")
     return {"cut": cut, "defense": defense, "attack": attack, "factor": factor, "budget": f"{budget} {key}",
             "mse": result["mse"], "fit_s": result["fit_seconds"], "invert_s": result.get("invert_seconds"),
             "accuracy": acc, "threads": torch.get_num_threads(),
@@ -124,14 +125,16 @@ def write_table(args) -> None:
                 cellstr = [f"{v['mse']:.5f} ({seconds(v)})" if v else "not run" for v in vals.values()]
                 ok = (f"{'yes' if vals[1.0]['mse'] <= 1.05 * vals[2.0]['mse'] else 'NO'}" if vals[1.0] and vals[2.0] else "not run")
                 lines.append(f"| {c} | {d} | {a} | " + " | ".join(cellstr) + f" | {ok} |")
-    lines += ["", "Per cell: optimisation steps, epoch kept by the held-out selection (of the epochs run), held-out MSE, "
-              "target accuracy, threads.", "", "| cut | defense | attack | factor | budget | steps | best epoch | val mse | test mse | seconds | target acc |",
+    lines += ["", "Per cell: optimisation steps, epoch kept by the held-out selection (of the epochs run; rMLE: the TV weight its "
+              "feature residual chose), held-out MSE, "
+              "target accuracy, threads.", "", "| cut | defense | attack | factor | budget | steps | best epoch (rmle: TV weight chosen) | val mse | test mse | seconds | target acc |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c, d, a, f in cells():
         p = cell_path(args, c, d, a, f)
         if p.exists():
             v = json.loads(p.read_text())
-            lines.append(f"| {c} | {d} | {a} | {f} | {v['budget']} | {v.get('fit.steps', '')} | {v.get('fit.best_epoch', '')} | "
+            tv = f"TV {v['fit.tv_weight']:g}" if v.get("fit.tv_weight") is not None else ""
+            lines.append(f"| {c} | {d} | {a} | {f} | {v['budget']} | {v.get('fit.steps', '')} | {v.get('fit.best_epoch', tv)} | "
                          f"{v.get('fit.val_mse', float('nan')):.5f} | {v['mse']:.5f} | {seconds(v)} | {v['accuracy']:.3f} |")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("\n".join(lines) + "\n")
