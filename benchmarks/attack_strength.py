@@ -107,12 +107,26 @@ def seconds(v: dict) -> str:
     return f"{v['wall_s']:.0f}s wall" if v.get("wall_s") else "?"
 
 
+def baseline_mse(args) -> float:
+    """The trivial attacker's test MSE (the mean aux image for every test image) on the cells' test images."""
+    from splitveil import config_from_dict
+    from splitveil.attacks.base import mean_image_baseline
+    from splitveil.data import build_data
+    import yaml
+    tree = yaml.safe_load((ROOT / "configs" / "cifar10_vgg11_cpu.yaml").read_text())
+    tree["data"].update(root=args.data_root, train_size=args.train_size, test_size=args.test_size, aux_size=args.aux_size)
+    cfg = config_from_dict(tree, [])
+    return mean_image_baseline(build_data(cfg.data, cfg.seed))["mse"]
+
+
 def write_table(args) -> None:
+    base = baseline_mse(args)
     lines = ["# Attack strength against budget (issue 10)", "",
              f"CPU budget (2 shared cores, labelled): CIFAR-10, train {args.train_size}, test {args.test_size}, "
              f"aux {args.aux_size}, target {args.target_epochs} epochs; cuts {CUTS}. Test MSE per budget factor "
              "(x default), the attack's seconds (fit, plus inversion for rMLE; 'wall': the whole cell) in brackets, on "
-             "shared cores: not speed numbers. 'not run': not measured in the time available.", "",
+             "shared cores: not speed numbers. 'not run': not measured in the time available. The mean-image baseline "
+             f"(the mean aux image for every test image) has test MSE {base:.5f}; a default above it is marked 'weak'.", "",
              "| cut | defense | attack | x0.25 | x0.5 | x1 (default) | x2 | default within 5% of x2 |",
              "|---|---|---|---|---|---|---|---|"]
     for c in CUTS:
@@ -124,6 +138,8 @@ def write_table(args) -> None:
                     vals[f] = json.loads(p.read_text()) if p.exists() else None
                 cellstr = [f"{v['mse']:.5f} ({seconds(v)})" if v else "not run" for v in vals.values()]
                 ok = (f"{'yes' if vals[1.0]['mse'] <= 1.05 * vals[2.0]['mse'] else 'NO'}" if vals[1.0] and vals[2.0] else "not run")
+                if vals[1.0] and vals[1.0]["mse"] >= base:
+                    ok += " (weak: default above the mean-image baseline)"
                 lines.append(f"| {c} | {d} | {a} | " + " | ".join(cellstr) + f" | {ok} |")
     lines += ["", "Per cell: optimisation steps, epoch kept by the held-out selection (of the epochs run; rMLE: the TV weight its "
               "feature residual chose), held-out MSE, "
