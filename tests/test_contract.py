@@ -23,28 +23,30 @@ ROOT = Path(__file__).resolve().parents[1]
 # Computed with the code before the typed specs (commit db8b1ff), with the data root made relative to the
 # repository and device 'auto' read as cpu, so they do not depend on the checkout or the machine: the run id and
 # a digest of config.yaml's content of every shipped config file and of every point of every shipped sweep.
+# Updated deliberately once (2026-12-02): rmle's defaults changed (pyramid parameterisation, lr 0.02, TV grid),
+# so every config and sweep that lists rmle got a new run id (config.yaml content unchanged); the others did not.
 EXPECTED = {
-    'configs/att_faces_vgg11_cpu.yaml': {'run_id': 'att_faces_vgg11_cpu-att_faces-vgg11_bn-none-s0-931bcbd11f', 'config': '865bf25d98c67b5b'},
+    'configs/att_faces_vgg11_cpu.yaml': {'run_id': 'att_faces_vgg11_cpu-att_faces-vgg11_bn-none-s0-5e91e7442a', 'config': '865bf25d98c67b5b'},
     'configs/cifar10_vgg11_cem_cpu.yaml': {'run_id': 'cifar10_vgg11_cem_cpu-cifar10-vgg11_bn-gaussian_noise+cem_gmm-s0-2f7d05027f', 'config': '9605079bd3f0fd86'},
     'configs/cifar10_vgg11_cem_paper.yaml': {'run_id': 'cifar10_vgg11_cem_paper-cifar10-vgg11_bn-gaussian_noise+cem_gmm-s0-aca338aa8d', 'config': '39ed79035b05e11a'},
-    'configs/cifar10_vgg11_cpu.yaml': {'run_id': 'cifar10_vgg11_cpu-cifar10-vgg11_bn-none-s0-79b09a4f60', 'config': '92e2947a21d6d4c1'},
+    'configs/cifar10_vgg11_cpu.yaml': {'run_id': 'cifar10_vgg11_cpu-cifar10-vgg11_bn-none-s0-ae0795353a', 'config': '92e2947a21d6d4c1'},
     'configs/gpz_ir152_cifar10.yaml': {'run_id': 'gpz_ir152_cifar10-cifar10-ir152-none-s0-4cd6cbbd29', 'config': '500bb249c1704e80'},
     'configs/gpz_ir152_cifar10_cpu.yaml': {'run_id': 'gpz_ir152_cifar10_cpu-cifar10-ir152-none-s0-8d49555fbc', 'config': '1c2d652c9ec5e77f'},
     'configs/gpz_vgg19_cifar10.yaml': {'run_id': 'gpz_vgg19_cifar10-cifar10-vgg19_bn-none-s0-112fdd604f', 'config': 'ac23f76dbcaef752'},
     'configs/gpz_vgg19_cifar10_cpu.yaml': {'run_id': 'gpz_vgg19_cifar10_cpu-cifar10-vgg19_bn-none-s0-9b8ef3fa0a', 'config': '580e54c2d9ac6b84'},
-    'configs/mnist_vgg11_cpu.yaml': {'run_id': 'mnist_vgg11_cpu-mnist-vgg11_bn-none-s0-3edc65e187', 'config': '01e7e589c88e4697'},
+    'configs/mnist_vgg11_cpu.yaml': {'run_id': 'mnist_vgg11_cpu-mnist-vgg11_bn-none-s0-592b44f0fb', 'config': '01e7e589c88e4697'},
     'configs/quickstart.yaml': {'run_id': 'quickstart-digits-vgg11_bn-none-s0-94c58393d2', 'config': '6b76cdba42bb3c52'},
-    'sweeps/cem_tradeoff-cpu.yaml': {'points': 18, 'first': 'cem_tradeoff_cpu-cifar10-vgg11_bn-gaussian_noise+cem_gmm-s0-cb842bfb58', 'last': 'cem_tradeoff_cpu-cifar10-vgg11_bn-gaussian_noise+cem_gated_pool-s0-ea399381b2', 'run_ids': 'aafb17a7da7fe804', 'configs': '166bbedea6a28126'},
-    'sweeps/cem_tradeoff.yaml': {'points': 225, 'first': 'cem_tradeoff-cifar10-vgg11_bn-gaussian_noise+cem_gmm-s0-bbac1252b8', 'last': 'cem_tradeoff-cifar10-vgg11_bn-gaussian_noise+cem_gated_pool-s2-aa6d6d6be3', 'run_ids': 'cf88a2f31da100c1', 'configs': 'dcc5001046c4e4bd'},
-    'sweeps/cifar10_defenses-cpu.yaml': {'points': 16, 'first': 'cifar10_defenses_cpu-cifar10-vgg11_bn-none-s0-aabeb43e00', 'last': 'cifar10_defenses_cpu-cifar10-vgg11_bn-topk_prune+cem_gmm-s0-2bc7f10b4e', 'run_ids': '5744127911293637', 'configs': 'a7bfa56a9b5a15d9'},
-    'sweeps/cifar10_defenses.yaml': {'points': 66, 'first': 'cifar10_defenses-cifar10-vgg11_bn-gaussian_noise+cem_gmm-s0-c76585c3cb', 'last': 'cifar10_defenses-cifar10-vgg11_bn-gaussian_noise+label_smoothing+cem_gmm-s2-9188ced243', 'run_ids': 'fcdb3fa9cc141192', 'configs': 'b72b7db9169472d9'},
-    'sweeps/gpz_layers-cpu.yaml': {'points': 27, 'first': 'gpz_layers_cpu-cifar10-vgg11_bn-none-s0-13098122ae', 'last': 'gpz_layers_cpu-cifar10-vgg11_bn-label_smoothing-s2-e669d8fc15', 'run_ids': '9982e5b8a26cb1de', 'configs': '9209b09523f42706'},
-    'sweeps/gpz_layers.yaml': {'points': 162, 'first': 'gpz_layers-cifar10-vgg11_bn-none-s0-8f55f53cd6', 'last': 'gpz_layers-cifar10-resnet20-label_smoothing-s2-0e4b535b05', 'run_ids': '86dd89ab66925968', 'configs': '67fb236887fa1561'},
+    'sweeps/cem_tradeoff-cpu.yaml': {'points': 18, 'first': 'cem_tradeoff_cpu-cifar10-vgg11_bn-gaussian_noise+cem_gmm-s0-cc302fcf1e', 'last': 'cem_tradeoff_cpu-cifar10-vgg11_bn-gaussian_noise+cem_gated_pool-s0-fb2f40a97c', 'run_ids': '9bc2f3d7cdb32b37', 'configs': '166bbedea6a28126'},
+    'sweeps/cem_tradeoff.yaml': {'points': 225, 'first': 'cem_tradeoff-cifar10-vgg11_bn-gaussian_noise+cem_gmm-s0-d44144220c', 'last': 'cem_tradeoff-cifar10-vgg11_bn-gaussian_noise+cem_gated_pool-s2-67ada930a2', 'run_ids': '41807e931ebedce3', 'configs': 'dcc5001046c4e4bd'},
+    'sweeps/cifar10_defenses-cpu.yaml': {'points': 16, 'first': 'cifar10_defenses_cpu-cifar10-vgg11_bn-none-s0-d80a05d0fc', 'last': 'cifar10_defenses_cpu-cifar10-vgg11_bn-topk_prune+cem_gmm-s0-4776aa1898', 'run_ids': '256f65f4c1b3f211', 'configs': 'a7bfa56a9b5a15d9'},
+    'sweeps/cifar10_defenses.yaml': {'points': 66, 'first': 'cifar10_defenses-cifar10-vgg11_bn-gaussian_noise+cem_gmm-s0-2193b9272b', 'last': 'cifar10_defenses-cifar10-vgg11_bn-gaussian_noise+label_smoothing+cem_gmm-s2-91eeab3c4f', 'run_ids': '64c9c96440e807e7', 'configs': 'b72b7db9169472d9'},
+    'sweeps/gpz_layers-cpu.yaml': {'points': 27, 'first': 'gpz_layers_cpu-cifar10-vgg11_bn-none-s0-75f84d3396', 'last': 'gpz_layers_cpu-cifar10-vgg11_bn-label_smoothing-s2-83089afba3', 'run_ids': 'b9d937d4ba3a5034', 'configs': '9209b09523f42706'},
+    'sweeps/gpz_layers.yaml': {'points': 162, 'first': 'gpz_layers-cifar10-vgg11_bn-none-s0-897d28bb1d', 'last': 'gpz_layers-cifar10-resnet20-label_smoothing-s2-9abd9b2378', 'run_ids': '80a201e63f2f6c12', 'configs': '67fb236887fa1561'},
     'sweeps/proposal_study-cpu-1h.yaml': {'points': 36, 'first': 'proposal_study_cpu_1h-cifar10-vgg11_bn-gaussian_noise-s0-c1c9c076c0', 'last': 'proposal_study_cpu_1h-cifar10-vgg11_bn-gaussian_noise+cem_slot_cross-s2-e7ac5173e0', 'run_ids': 'c7fbcc3ba1b483d2', 'configs': 'd0c7e72ad1b0d513'},
     'sweeps/proposal_study-cpu.yaml': {'points': 114, 'first': 'proposal_study_cpu-cifar10-vgg11_bn-none-s0-6e7fb25c19', 'last': 'proposal_study_cpu-facescrub10-vgg11_bn-gaussian_noise+cem_gated_pool-s2-36c342db06', 'run_ids': '6f80c0e990ab387e', 'configs': 'b42e1f9bdc25ac8a'},
-    'sweeps/proposal_study.yaml': {'points': 190, 'first': 'proposal_study-cifar10-vgg11_bn-none-s0-4baee1cbbb', 'last': 'proposal_study-facescrub10-vgg11_bn-gaussian_noise+cem_gated_pool-s4-e6f783a6b8', 'run_ids': '55b1bd463af7f5e4', 'configs': '4ea6ebac7c982d00'},
-    'sweeps/slot_ablation-cpu.yaml': {'points': 9, 'first': 'slot_ablation_cpu-cifar10-vgg11_bn-gaussian_noise+cem_slot_cross-s0-37a919e843', 'last': 'slot_ablation_cpu-cifar10-vgg11_bn-gaussian_noise+cem_slot_cross-s0-2196954381', 'run_ids': '92fbbf227c1f8427', 'configs': '074abb103b98207e'},
-    'sweeps/slot_ablation.yaml': {'points': 39, 'first': 'slot_ablation-cifar10-vgg11_bn-gaussian_noise+cem_slot_cross-s0-d7772b4df7', 'last': 'slot_ablation-cifar10-vgg11_bn-gaussian_noise+cem_slot_cross-s2-6092577868', 'run_ids': 'b2ceb310be7c8dc3', 'configs': '3229d8a89dee58a0'},
+    'sweeps/proposal_study.yaml': {'points': 190, 'first': 'proposal_study-cifar10-vgg11_bn-none-s0-97f80a2db2', 'last': 'proposal_study-facescrub10-vgg11_bn-gaussian_noise+cem_gated_pool-s4-1b1cab9a26', 'run_ids': '174f8ee77a5c2c9b', 'configs': '4ea6ebac7c982d00'},
+    'sweeps/slot_ablation-cpu.yaml': {'points': 9, 'first': 'slot_ablation_cpu-cifar10-vgg11_bn-gaussian_noise+cem_slot_cross-s0-0208ff1416', 'last': 'slot_ablation_cpu-cifar10-vgg11_bn-gaussian_noise+cem_slot_cross-s0-20eda058e1', 'run_ids': 'e1150172af7061ff', 'configs': '074abb103b98207e'},
+    'sweeps/slot_ablation.yaml': {'points': 39, 'first': 'slot_ablation-cifar10-vgg11_bn-gaussian_noise+cem_slot_cross-s0-e48ab81349', 'last': 'slot_ablation-cifar10-vgg11_bn-gaussian_noise+cem_slot_cross-s2-14d3be8934', 'run_ids': '5f9c58c8cb76e78f', 'configs': '3229d8a89dee58a0'},
 }
 
 
