@@ -17,6 +17,7 @@ from splitveil.defenses import DEFENSES, DefenseSpec, build_defenses
 from splitveil.experiments import config as config_mod
 from splitveil.experiments.config import RunConfig, config_from_dict, load_config
 from splitveil.params import ConfigError
+from conftest import golden_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -429,6 +430,7 @@ FAMILY_EXPECTED = {'baselines': {'accuracy': 0.078125,
           'losses': [{'loss.task': 2.121574640274048}, {'loss.task': 1.0885186791419983}]}}
 
 
+@golden_cpu
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_one_run_of_each_defense_family_gives_the_numbers_of_before(family, tmp_path):
     from splitveil.experiments.run import run_experiment

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import golden_cpu, tiny_config
 
 from splitveil.results import (AttackResult, EdgeCost, GPZRow, ResultsStore, RunRecord, WorstCase, is_finished,
                                open_store, results_paths, worst_case)
@@ -167,6 +167,7 @@ def _same_precision(recorded: dict) -> bool:
 FIXTURE_DATA_ROOT = "/work/shared/data/MNIST"
 
 
+@golden_cpu
 def test_the_pipeline_reproduces_the_old_run(tmp_path, data_root, monkeypatch):
     """The fixture's config through today's pipeline: every number the old code recorded comes out again (the
     seeds, the stage order and what each stage draws from the RNG are unchanged)."""
@@ -192,6 +193,7 @@ def test_the_pipeline_reproduces_the_old_run(tmp_path, data_root, monkeypatch):
         {k: v for k, v in old["cost"].items() if k != "latency_ms"}
 
 
+@golden_cpu
 def test_the_gpz_sweep_reproduces_the_old_rows(tmp_path, data_root):
     from splitveil.experiments.gpz import GPZSweep
 
