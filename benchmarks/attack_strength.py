@@ -42,6 +42,14 @@ def cells() -> list[tuple[str, str, str, float]]:
     return [(c, d, a, f) for c in CUTS for d in DEFENSES for a in ATTACKS for f in FACTORS]
 
 
+def base_tree(args) -> dict:
+    """configs/cifar10_vgg11_cpu.yaml with the benchmark's data sizes: every cell's data comes from it."""
+    import yaml
+    tree = yaml.safe_load((ROOT / "configs" / "cifar10_vgg11_cpu.yaml").read_text())
+    tree["data"].update(root=args.data_root, train_size=args.train_size, test_size=args.test_size, aux_size=args.aux_size)
+    return tree
+
+
 def target(args, cut: str, defense: str):
     """The trained target (cached): data, edge."""
     from splitveil import Edge, config_from_dict
@@ -49,10 +57,8 @@ def target(args, cut: str, defense: str):
     from splitveil.defenses import build_defenses
     from splitveil.models import build_split_model
     from splitveil.training import Trainer
-    import yaml
 
-    tree = yaml.safe_load((ROOT / "configs" / "cifar10_vgg11_cpu.yaml").read_text())
-    tree["data"].update(root=args.data_root, train_size=args.train_size, test_size=args.test_size, aux_size=args.aux_size)
+    tree = base_tree(args)
     tree["model"]["cut"] = CUTS[cut]
     tree["train"]["epochs"] = args.target_epochs
     tree["defense"] = DEFENSES[defense]
@@ -112,10 +118,7 @@ def baseline_mse(args) -> float:
     from splitveil import config_from_dict
     from splitveil.attacks.base import mean_image_baseline
     from splitveil.data import build_data
-    import yaml
-    tree = yaml.safe_load((ROOT / "configs" / "cifar10_vgg11_cpu.yaml").read_text())
-    tree["data"].update(root=args.data_root, train_size=args.train_size, test_size=args.test_size, aux_size=args.aux_size)
-    cfg = config_from_dict(tree, [])
+    cfg = config_from_dict(base_tree(args), [])
     return mean_image_baseline(build_data(cfg.data, cfg.seed))["mse"]
 
 

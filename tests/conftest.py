@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from splitveil.precision import cpu_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("SPLITVEIL_DATA", ROOT.parent / "shared" / "data"))
@@ -41,19 +42,9 @@ def tiny_config(**over):
     return config_from_dict(tree, [f"{k}={v}" for k, v in over.items()])
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 # Golden-number tests compare bf16 CPU training against numbers recorded on the project's machine (a Xeon with
 # AMX-BF16). bf16 kernels differ bit-for-bit across CPU families (measured on an AMD EPYC: loss 2.1182 against
 # 2.1216 after one epoch), so there they are skipped with this reason instead of failing on the CPU, not the code.
-golden_cpu = pytest.mark.skipif("amx_bf16" not in _cpu_flags(),
+golden_cpu = pytest.mark.skipif("amx_bf16" not in cpu_flags(),
                                 reason="golden numbers were recorded on a CPU with AMX-BF16; this CPU has none, and "
                                        "bf16 training differs bit-for-bit across CPU families")

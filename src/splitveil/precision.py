@@ -52,18 +52,23 @@ def _dev(device: torch.device | str) -> torch.device:
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has AMX-BF16 or AVX512-BF16 (oneDNN then runs bf16 convolutions natively)."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none: macOS, Windows)."""
     try:
-        flags: set[str] = set()
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                flags.update(line.split(":", 1)[1].split())
-                break
-        if flags:
-            return bool({"amx_bf16", "avx512_bf16"} & flags)
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has AMX-BF16 or AVX512-BF16 (oneDNN then runs bf16 convolutions natively)."""
+    flags = cpu_flags()
+    if flags:
+        return bool({"amx_bf16", "avx512_bf16"} & flags)
     try:  # no /proc (macOS, Windows): ask torch's own CPU feature probe (private API, may not exist)
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except Exception:  # noqa: BLE001

@@ -249,7 +249,7 @@ class RmleAttack(Attack):
         base = x0.clone().to(self.device)
         pixels = p.parameterization == "pixels"
         if pixels:
-            coeffs = [base.clone().requires_grad_(True)]
+            coeffs = [base.requires_grad_(True)]
         else:
             coeffs = [torch.zeros(n, shape[0], h, w, device=self.device, requires_grad=True) for h, w in self._levels()]
 
