@@ -18,6 +18,7 @@ from ..defenses import DefenseSpec
 from ..models import ModelConfig
 from ..params import ConfigError, coerce, require
 from ..registry import load_plugins
+from ..yaml_io import safe_load_bounded
 from ..training import TrainConfig
 
 
@@ -136,7 +137,7 @@ def resolve_threads(threads: int | None) -> int:
 def parse_value(text: str, field: str = "value") -> Any:
     """A ``--set`` value is read as YAML: 3 -> int, 0.1 -> float, [a, b] -> list, true -> bool."""
     try:
-        return yaml.safe_load(text)
+        return safe_load_bounded(text, f"--set {field}")
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"--set {field}: {text!r} is not a valid YAML value ({problem}); "
@@ -191,9 +192,14 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
     if not path.exists():
         raise ConfigError(f"{what} {path} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = safe_load_bounded(path.read_text(), str(path))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} {path} is not a readable text file ({type(e).__name__})") from None
+    if tree is None:
+        raise ConfigError(f"{what} {path} is empty: write at least the fields that differ from the defaults "
+                          "(an empty file is not a run of every default)")
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return tree

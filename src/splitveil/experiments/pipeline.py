@@ -160,9 +160,13 @@ def load_init(model: SplitModel, f: Path) -> dict[str, str | None]:
     if not f.is_file():
         raise ConfigError(f"train.init_from: no checkpoint file at {f}")
     try:
-        st = torch.load(f, map_location="cpu", weights_only=False)
-    except Exception as e:   # a truncated or foreign file: name it
-        raise ConfigError(f"train.init_from: {f} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+        # weights_only=True: a file the user names is never unpickled with arbitrary globals (a crafted
+        # "checkpoint" whose pickle calls os.system is refused before anything runs)
+        st = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:   # a truncated, foreign or unsafe (non-tensor pickle) file: name it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"train.init_from: {f} is not a readable checkpoint, or holds objects other than "
+                          f"tensors and plain containers, which are refused ({type(e).__name__}: {first})") from None
     weights = st.get("model", st) if isinstance(st, dict) else None
     if not isinstance(weights, dict):
         raise ConfigError(f"train.init_from: {f} holds no model state dict (expected a run's checkpoint.pt)")
