@@ -210,3 +210,23 @@ def test_the_gpz_sweep_reproduces_the_old_rows(tmp_path, data_root):
         for k in ("rc2_mean", "sigma2", "within_fraction", "edge_flops", "payload_bytes", "mse", "psnr", "ssim"):
             assert new[k] == pytest.approx(was[k], rel=1e-5), (new["cut"], k)
     assert res["zone"]["zone_cuts"] == old["zone"]["zone_cuts"]
+
+
+def test_unconverged_flag_from_the_held_out_curve():
+    """An attack whose held-out MSE still fell by > 2% over the last fifth of its budget is flagged; a flat tail,
+    a tail that got worse, or a curve too short to judge is not."""
+    from splitveil.results.records import AttackResult, RunRecord, still_improving
+
+    assert still_improving([1.0, 0.5, 0.4, 0.3, 0.2]) is True            # last fifth (1 of 5): 0.3 -> 0.2
+    assert still_improving([1.0, 0.5, 0.4, 0.3, 0.297]) is False         # 1% better: within tolerance
+    assert still_improving([1.0, 0.5, 0.4, 0.3, 0.35]) is False          # got worse
+    assert still_improving([1.0, 0.5, 0.4, 0.3, 0.29, 0.29, 0.29, 0.29, 0.29, 0.2]) is True   # 2 of 10: 0.29 -> 0.2
+    assert still_improving([1.0, 0.5, 0.4, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.197]) is False    # 1.5% below the best before
+    assert still_improving([0.5]) is None and still_improving(None) is None
+    rec = RunRecord.from_dict({"status": "finished", "flags": [], "attacks": {
+        "a": {"mse": 0.01, "fit.val_curve": [0.05, 0.04, 0.03, 0.02, 0.01]},
+        "b": {"mse": 0.02, "fit.val_curve": [0.05, 0.03, 0.02, 0.02, 0.02]},
+        "c": {"mse": 0.03}}})
+    assert rec.unconverged_attacks() == ["a"]
+    assert "unconverged" in rec.run_flags() and rec.excluded() == ["unconverged"]
+    assert AttackResult.from_dict({"mse": 0.03}, "c").unconverged() is None

@@ -316,6 +316,11 @@ def record(cfg: RunConfig, run_id: str, prep: Prepared, trained: Trained, diagno
     weak = bool(wc and wc.weak_attacks)
     if weak:
         flags.append("weak_attack")
+    unconverged = [n for n, a in outcome.attacks.items() if a.unconverged()]
+    if unconverged:   # its MSE is an upper bound on what the attack can do: kept out of gains and fronts
+        log.warning("unconverged attack: %s still improved its held-out MSE by more than 2%% over the last fifth "
+                    "of its budget; give it more epochs (the run is flagged 'unconverged')", ", ".join(unconverged))
+        flags.append("unconverged")
     model, data = prep.model, prep.data
     return RunRecord(
         status="finished", run_id=run_id, dataset=data.name, model=cfg.model.name, cut=model.cut_name,

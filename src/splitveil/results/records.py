@@ -9,7 +9,8 @@ folders still report):
 - ``baseline``: ``{"mean_image": ImageScores}``, the trivial attacker's scores on the same images;
 - ``worst_case``: :class:`WorstCase`, the strongest attack per metric and the attacks that do not beat the
   baseline (computed from ``attacks`` and ``baseline`` for runs recorded before it existed);
-- ``flags``: ``chance_accuracy`` (set by the run) and ``weak_attack`` (see :meth:`RunRecord.run_flags`);
+- ``flags``: ``chance_accuracy`` (set by the run), ``weak_attack`` and ``unconverged`` (an attack's held-out curve
+  still improved by more than 2% over the last fifth of its budget; see :meth:`RunRecord.run_flags`);
 - ``cost``: :class:`EdgeCost`.
 
 Keys a record does not know are kept in ``extra`` and written back unchanged.
@@ -30,13 +31,30 @@ IMAGE_METRICS: tuple[str, ...] = ("mse", "psnr", "ssim")
 # what a GPZ row keeps of the attack at its cut
 GPZ_ATTACK_KEYS: tuple[str, ...] = ("mse", "mse_std", "psnr", "psnr_std", "ssim", "ssim_std", "fit_seconds",
                                      "worst_attack", "attack_mse")   # the last two: only with several attacks
-FLAG_TEXT = {"weak_attack": "weak attack", "chance_accuracy": "chance accuracy"}
+FLAG_TEXT = {"weak_attack": "weak attack", "chance_accuracy": "chance accuracy", "unconverged": "unconverged attack"}
+# flags that keep a run out of fronts, frontiers and gains (its privacy number is not a measurement of the defense)
+EXCLUDING_FLAGS = frozenset({"chance_accuracy", "unconverged", "diverged"})
+# an attack is ``unconverged`` when the last fifth of its budget still lowered its held-out MSE by more than this
+UNCONVERGED_TOLERANCE = 0.02
 BASELINE = "mean_image"
 
 
 def finite(v: Any) -> bool:
     """A real number (not a bool, not NaN or infinite)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def still_improving(curve: list[float] | None, tolerance: float = UNCONVERGED_TOLERANCE) -> bool | None:
+    """Whether a held-out curve (one MSE per epoch, lower is better) was still improving at the end of its budget:
+    the best value of its last fifth (at least one epoch) is more than ``tolerance`` (relative) below the best value
+    reached before it. None when the curve has fewer than 2 finite points (convergence cannot be judged)."""
+    vals = [float(v) for v in curve or [] if finite(v)]
+    n = len(vals)
+    if n < 2:
+        return None
+    k = max(1, -(-n // 5))                 # ceil(n / 5)
+    before, last = min(vals[:n - k]), min(vals[n - k:])
+    return before > 0 and (before - last) / before > tolerance
 
 
 def _known(cls) -> list[str]:
@@ -99,6 +117,17 @@ class AttackResult(ImageScores):
     fit_seconds: float | None = None
     invert_seconds: float | None = None
     fit: dict[str, Any] = field(default_factory=dict)     # recorded as ``fit.<key>``
+
+    @property
+    def val_curve(self) -> list[float] | None:
+        """The held-out MSE after every epoch of the fit (learned attacks), None when not recorded."""
+        c = self.fit.get("val_curve")
+        return [float(v) for v in c] if isinstance(c, list) else None
+
+    def unconverged(self, tolerance: float = UNCONVERGED_TOLERANCE) -> bool | None:
+        """True when the fit was still improving its held-out MSE by more than ``tolerance`` over the last fifth
+        of its budget (:func:`still_improving`); None when there is no held-out curve to judge by."""
+        return still_improving(self.val_curve, tolerance)
 
 
 # -- the worst case over an attack suite -------------------------------------------------------------------------
@@ -308,13 +337,23 @@ class RunRecord:
         """Attacks that do not beat the mean-image baseline on MSE (recorded, else computed)."""
         return list(self.worst().weak_attacks or [])
 
+    def unconverged_attacks(self) -> list[str]:
+        """Attacks whose held-out curve was still improving by more than 2% over the last fifth of the budget."""
+        return [n for n, a in self.attacks.items() if a.unconverged()]
+
     def run_flags(self) -> list[str]:
         """``flags`` plus ``weak_attack`` when any attack does not beat the mean-image baseline (recorded in
         ``weak_attack`` / ``worst_case.weak_attacks``, or computed for runs recorded before either)."""
         flags = [str(f) for f in self.flags or [] if isinstance(f, str)]
         if "weak_attack" not in flags and (self.weak_attack is True or self.weak_attacks()):
             flags.append("weak_attack")
+        if "unconverged" not in flags and self.unconverged_attacks():
+            flags.append("unconverged")
         return flags
+
+    def excluded(self) -> list[str]:
+        """The flags that keep this run out of fronts, frontiers and gains (:data:`EXCLUDING_FLAGS`)."""
+        return [f for f in self.run_flags() if f in EXCLUDING_FLAGS]
 
     def attack_value(self, attack: str, metric: str) -> float | None:
         a = self.attacks.get(attack)
