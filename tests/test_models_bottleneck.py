@@ -47,3 +47,26 @@ def test_default_bottleneck_unchanged_and_bad_activation_named():
     assert leaf_types(sm.encoder.bottleneck) == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
     with pytest.raises(ConfigError, match="bottleneck_act"):
         coerce(ModelConfig, {**REFERENCE, "bottleneck_act": "gelu"}, "model")
+
+
+def test_cloud_width_keeps_the_edge_and_narrows_the_cloud():
+    """model.cloud_width: the encoder is exactly the one at ``width`` (the CEM paper's 85,256 parameters), the cloud
+    is narrower; without a bottleneck it is refused naming the field."""
+    import pytest
+    import torch
+
+    from splitveil.models import ModelConfig, build_split_model
+    from splitveil.params import ConfigError, coerce
+
+    ref = dict(name="vgg11_bn", cut="conv2", width=1.0, bottleneck_channels=8, bottleneck_norm=False,
+               bottleneck_act="none", sigmoid=True)
+    full = build_split_model(ModelConfig(**ref), 10, (3, 32, 32))
+    half = build_split_model(ModelConfig(**ref, cloud_width=0.5), 10, (3, 32, 32))
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    assert n(half.encoder) == n(full.encoder) == 85256
+    assert half.feature_shape == full.feature_shape == (8, 8, 8)
+    assert n(half.decoder) < 0.35 * n(full.decoder)
+    assert half.decoder.bottleneck_up.body[0].out_channels == 64 and half.decoder.conv3[0].in_channels == 64
+    assert half(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ConfigError, match="cloud_width"):
+        coerce(ModelConfig, {"name": "vgg11_bn", "width": 1.0, "cloud_width": 0.5})

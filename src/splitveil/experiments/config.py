@@ -81,6 +81,8 @@ class RunConfig:
         # fields added later are written only when set, so configs and run ids from before them are unchanged
         if d["train"].get("init_from") is None:
             del d["train"]["init_from"]
+        if d["model"].get("cloud_width") is None:
+            del d["model"]["cloud_width"]
         return d
 
     def defense_label(self) -> str:

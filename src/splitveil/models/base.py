@@ -95,6 +95,8 @@ class ModelConfig:
     sigmoid: bool = False              # sigmoid on the transmitted features, right after the bottleneck if any
     #                                    (CEM reference: true, with bottleneck_norm false and bottleneck_act none)
     options: dict = field(default_factory=dict)  # extra constructor arguments of the architecture
+    cloud_width: float | None = None   # channel multiplier of the blocks after the cut (null: ``width``); the edge
+    #                                    keeps ``width``. Needs a bottleneck (its cloud-side conv restores the width)
 
     def validate(self) -> None:
         require(self.name in MODELS, "name", f"unknown model '{self.name}'; registered: {', '.join(MODELS.names())}")
@@ -105,17 +107,29 @@ class ModelConfig:
                 f"{self.bottleneck_act!r} is not one of {list(BOTTLENECK_ACTS)}")
         require(isinstance(self.cut, (int, str)) and not isinstance(self.cut, bool), "cut",
                 "must be a block index or a block name")
+        require(self.cloud_width is None or self.cloud_width > 0, "cloud_width", "must be positive or null")
+        require(self.cloud_width is None or self.cloud_width == self.width or self.bottleneck_channels is not None,
+                "cloud_width", "a cloud narrower or wider than the edge needs model.bottleneck_channels (its "
+                "cloud-side conv maps the transmitted channels to the cloud's width)")
 
 
 class SplitModel(nn.Module):
     """The deployed pair: ``encoder`` (edge) and ``decoder`` (cloud); ``feature_shape`` is what is sent."""
 
     def __init__(self, backbone: BlockModel, cut: int | str, bottleneck_channels: int | None = None,
-                 sigmoid: bool = False, bottleneck_norm: bool = True, bottleneck_act: str = "relu"):
+                 sigmoid: bool = False, bottleneck_norm: bool = True, bottleneck_act: str = "relu",
+                 cloud: BlockModel | None = None):
+        """``cloud``: the same architecture at another width, whose blocks after the cut form the decoder (the
+        edge's come from ``backbone``); needs ``bottleneck_channels``."""
         super().__init__()
         k = backbone.cut_index(cut)
         named = list(backbone.blocks.named_children())
         shapes = backbone.block_shapes()
+        cloud_named, cloud_shapes = named, shapes
+        if cloud is not None:
+            if bottleneck_channels is None:
+                raise ConfigError("model.cloud_width: a cloud of another width needs model.bottleneck_channels")
+            cloud_named, cloud_shapes = list(cloud.blocks.named_children()), cloud.block_shapes()
         enc: list[tuple[str, nn.Module]] = named[:k]
         dec: list[tuple[str, nn.Module]] = []
         if bottleneck_channels is not None:
@@ -124,10 +138,11 @@ class SplitModel(nn.Module):
                 raise ConfigError(f"model.bottleneck_channels: the cut '{named[k - 1][0]}' outputs a vector {c}, "
                                   "a conv bottleneck needs a feature map")
             enc.append(("bottleneck", Bottleneck(c[0], bottleneck_channels, bottleneck_norm, bottleneck_act)))
-            dec.append(("bottleneck_up", Bottleneck(bottleneck_channels, c[0], bottleneck_norm, bottleneck_act)))
+            dec.append(("bottleneck_up", Bottleneck(bottleneck_channels, cloud_shapes[k - 1][1][0], bottleneck_norm,
+                                                    bottleneck_act)))
         if sigmoid:
             enc.append(("sigmoid", nn.Sigmoid()))
-        dec += named[k:]
+        dec += cloud_named[k:]
         self.encoder = nn.Sequential(OrderedDict(enc))
         self.decoder = nn.Sequential(OrderedDict(dec))
         self.cut_index = k
@@ -174,7 +189,11 @@ def split(model: BlockModel, cut: int | str, bottleneck_channels: int | None = N
 
 def build_split_model(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, int, int]) -> SplitModel:
     backbone = create_model(cfg.name, num_classes, input_shape, cfg.width, **cfg.options)
-    return SplitModel(backbone, cfg.cut, cfg.bottleneck_channels, cfg.sigmoid, cfg.bottleneck_norm, cfg.bottleneck_act)
+    cloud = None
+    if cfg.cloud_width is not None and cfg.cloud_width != cfg.width:
+        cloud = create_model(cfg.name, num_classes, input_shape, cfg.cloud_width, **cfg.options)
+    return SplitModel(backbone, cfg.cut, cfg.bottleneck_channels, cfg.sigmoid, cfg.bottleneck_norm, cfg.bottleneck_act,
+                      cloud=cloud)
 
 
 def scaled(c: int, width: float) -> int:
