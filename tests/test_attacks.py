@@ -564,3 +564,44 @@ def test_rmle_pyramid_levels_and_start():
     x = a.invert(z)
     assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
     assert float(a.residual(x, z).mean()) < float(a.residual(torch.full_like(x, 0.5), z).mean())
+
+
+@pytest.mark.parametrize("defense", [{"name": "gaussian_noise", "sigma": 0.3}, {"name": "dropout", "rate": 0.3}])
+def test_encoded_once_fit_is_the_per_batch_fit(defense, monkeypatch):
+    """The attacker's encoder pass is computed once (EncodedSplit) and only the defense's randomness is drawn per
+    batch: the fit gives the same held-out curve as running the edge on every batch, and the defense really
+    draws fresh noise each epoch (a cache of *transmitted* features would give a different curve)."""
+    from splitveil.attacks import inverse_network as inv_mod
+
+    data = synthetic_bundle(n=48, size=8)
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ReLU())
+    common = dict(epochs=3, batch_size=8, lr=3e-3, channels=8, blocks=1, val_fraction=0.25)
+
+    def fit():
+        torch.manual_seed(0)
+        return InverseNetworkAttack(InverseNetworkParams(**common), seed=1, show_progress=False).fit(
+            plain_edge(encoder, defense), data)
+
+    calls = []
+    real_build = inv_mod.EncodedSplit.build
+    monkeypatch.setattr(inv_mod.EncodedSplit, "build", classmethod(
+        lambda cls, *a, **k: calls.append(1) or real_build.__func__(cls, *a, **k)))
+    cached = fit()
+    assert calls == [1]
+    monkeypatch.setattr(inv_mod.EncodedSplit, "build", classmethod(lambda cls, *a, **k: None))
+    per_batch = fit()
+    assert cached["val_curve"] == pytest.approx(per_batch["val_curve"], rel=1e-5, abs=1e-7)
+    assert cached["train_mse"] == pytest.approx(per_batch["train_mse"], rel=1e-5)
+
+    # a cache that froze one noise draw for every epoch would not match
+    frozen = {}
+
+    def frozen_transform(self, z, training=False):
+        key = z.shape
+        if key not in frozen:
+            frozen[key] = torch.randn_like(z) * 0.3
+        return z + frozen[key]
+    monkeypatch.setattr(inv_mod.EncodedSplit, "build", classmethod(lambda cls, *a, **k: real_build.__func__(cls, *a, **k)))
+    monkeypatch.setattr(DefenseStack, "transform", frozen_transform)
+    assert fit()["val_curve"] != pytest.approx(per_batch["val_curve"], rel=1e-3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -201,15 +201,17 @@ class InverseNetworkAttack(Attack):
                        initial=start_epoch, total=p.epochs, leave=False)
         epochs_done = start_epoch
         max_steps = p.max_steps
+        encoded = EncodedSplit.build(edge, data, split, self.device) if p.epochs - start_epoch > 1 else None
         for epoch in bar:
             if max_steps is not None and steps >= max_steps:
                 break
             self.decoder.train()
             sums, n = {}, 0
-            for x, _ in data.batches(split, p.batch_size, self.device, shuffle=True, generator=gen):
-                with torch.no_grad():
-                    z = edge(x)   # fresh defense randomness every batch, exactly as the edge sends it
-                for k, v in self.train_step(z, data.denormalize(x)).items():   # tensors stay on the device
+            batches = (encoded.batches(p.batch_size, gen) if encoded is not None
+                       else ((edge(x), data.denormalize(x))
+                             for x, _ in data.batches(split, p.batch_size, self.device, shuffle=True, generator=gen)))
+            for z, x01 in batches:   # fresh defense randomness every batch, exactly as the edge sends it
+                for k, v in self.train_step(z, x01).items():   # tensors stay on the device
                     v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
                     sums[k] = sums[k] + v if k in sums else v
                 for s in self.schedulers:
@@ -255,6 +257,45 @@ class InverseNetworkAttack(Attack):
     def invert(self, z: torch.Tensor) -> torch.Tensor:
         self.decoder.eval()
         return self.decode(z)
+
+
+class EncodedSplit:
+    """The attacker's images encoded once: the encoder's (eval-mode, deterministic) output for every image of a
+    split, kept with the split's uint8 images. Each batch then draws only the defenses' randomness (noise,
+    dropout masks) afresh, so what the attacker trains on is exactly what the edge would send for those images,
+    without running the encoder again every epoch (issue 23: the encoder pass was the same in every epoch).
+
+    The batches follow ``DataBundle.batches(shuffle=True)`` exactly: the same permutation from the same
+    generator, the same [0, 1] targets (``denormalize(to_model_input(u8))``), and the defenses' transform draws
+    from the global RNG in the same order as ``edge(x)`` did."""
+
+    def __init__(self, edge: Edge, data: DataBundle, split: ImageSplit, z_clean: torch.Tensor):
+        self.edge, self.data, self.split, self.z_clean = edge, data, split, z_clean
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, edge: nn.Module, data: DataBundle, split: ImageSplit, device: torch.device,
+              batch_size: int = 256) -> "EncodedSplit | None":
+        """None when ``edge`` is not an :class:`Edge` (nothing to separate) or the split is empty."""
+        if not isinstance(edge, Edge) or len(split) == 0:
+            return None
+        was = edge.training
+        edge.eval()
+        try:
+            z = torch.cat([edge.encoder(x) for x, _ in data.batches(split, batch_size, device)])
+        finally:
+            edge.train(was)
+        return cls(edge, data, split, z)
+
+    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.split)
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            with torch.no_grad():
+                z = self.edge.defenses.transform(self.z_clean[idx.to(self.z_clean.device)], training=self.edge.training)
+            x01 = self.data.denormalize(self.data.to_model_input(self.split.images[idx], self.z_clean.device))
+            yield z, x01
 
 
 def copy_state(module: nn.Module) -> dict[str, torch.Tensor]:
