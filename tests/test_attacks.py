@@ -439,17 +439,17 @@ def _suite_run(tmp_path, attacks):
     """A tiny run that records, per attack, the test positions it is scored on."""
     import splitveil.experiments.pipeline as run_mod  # the stages live in the pipeline
     seen = {}
-    orig = run_mod.run_attack
+    orig = run_mod.fit_and_score
 
     def spy(attack, edge, data, seed):
         seen[attack.name] = attack.eval_split(data).indices.tolist()
         return orig(attack, edge, data, seed)
 
-    run_mod.run_attack = spy
+    run_mod.fit_and_score = spy
     try:
         m = run_experiment(tiny_config(**{"data.test_size": 40, "attacks": attacks}), tmp_path)
     finally:
-        run_mod.run_attack = orig
+        run_mod.fit_and_score = orig
     return m, seen
 
 

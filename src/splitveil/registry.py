@@ -135,26 +135,88 @@ def load_entry_points() -> list[str]:
     return loaded
 
 
+PLUGINS_ENV = "SPLITVEIL_ALLOW_PLUGINS"   # "1": plug-in modules named in configs may be imported (inherited by workers)
+
+
+def allow_plugins(allow: bool = True) -> None:
+    """Allow (or forbid again) importing the plug-in modules that configs and sweep files name (``plugins:``,
+    ``model.name: module:function``). Importing a module runs its code, so a config from someone else next to
+    a ``.py`` file could run anything: this is the explicit opt-in, the Python side of ``--allow-plugins``.
+    It sets ``SPLITVEIL_ALLOW_PLUGINS=1`` in this process's environment, which sweep worker processes started
+    afterwards inherit. Entry points of installed packages load without it."""
+    import os
+
+    if allow:
+        os.environ[PLUGINS_ENV] = "1"
+    else:
+        os.environ.pop(PLUGINS_ENV, None)
+
+
+def plugins_allowed() -> bool:
+    """Whether plug-in modules named in configs may be imported (``SPLITVEIL_ALLOW_PLUGINS`` is 1/true/yes)."""
+    import os
+
+    return os.environ.get(PLUGINS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def require_plugin_permission(modules: list[str], field: str = "plugins") -> None:
+    """A ConfigError naming ``field``, the modules and the flag unless plug-ins are allowed (a module already
+    loaded as a plug-in in this process is not imported again, so it needs no permission)."""
+    pending = [m for m in modules if m not in _plugins_loaded]
+    if pending and not plugins_allowed():
+        raise ConfigError(f"{field}: refusing to import the plug-in module(s) {', '.join(repr(m) for m in pending)}: "
+                          f"importing a module runs its code, and a config can come from anyone. If you trust this "
+                          f"config and these modules, pass --allow-plugins (Python: splitveil.allow_plugins(); "
+                          f"environment: {PLUGINS_ENV}=1). Plug-ins of installed packages (entry points of group "
+                          f"{PLUGIN_GROUP}) load without it")
+
+
 def load_plugins(modules: list[str] | tuple[str, ...] = (), field: str = "plugins") -> list[str]:
     """Import the user's plug-in modules (a config's ``plugins:`` list) so that their ``register`` decorators
-    run; a module is imported once per process however often it is listed. Entry points load too."""
-    import importlib
-
-    load_entry_points()
-    out = []
+    run; a module is imported once per process however often it is listed. Only when plug-ins are allowed
+    (:func:`allow_plugins`, ``--allow-plugins``): otherwise a ConfigError names the modules before any is
+    imported. Entry points load too (always)."""
+    names = []
     for i, mod in enumerate(modules):
         if not isinstance(mod, str) or not mod.strip():
             raise ConfigError(f"{field}[{i}]: expected an importable module name, got {mod!r}")
-        mod = mod.strip()
+        names.append(mod.strip())
+    require_plugin_permission(names, field)
+    load_entry_points()
+    out = []
+    for i, mod in enumerate(names):
         if mod not in _plugins_loaded:
             try:
-                importlib.import_module(mod)
+                _import_with_cwd(mod)
             except ImportError as e:
                 raise ConfigError(f"{field}[{i}]: cannot import plug-in module '{mod}' ({e}); it must be importable "
                                   "from the current directory or the Python path") from None
             _plugins_loaded[mod] = "plugins"
         out.append(mod)
     return out
+
+
+def _import_with_cwd(module: str):
+    """Import ``module`` with the current directory on ``sys.path`` for this import, as ``python -m`` has it: the
+    ``splitveil`` console script does not put it there, and a plug-in module beside the config must load the same
+    way under both. The path is restored afterwards (modules imported by the plug-in stay imported)."""
+    import importlib
+    import os
+    import sys
+
+    added = False
+    cwd = os.getcwd()
+    if not any(p in ("", ".", cwd) for p in sys.path):
+        sys.path.insert(0, cwd)
+        added = True
+    try:
+        return importlib.import_module(module)
+    finally:
+        if added:
+            try:
+                sys.path.remove(cwd)
+            except ValueError:
+                pass
 
 
 def import_submodules(package_name: str) -> None:

@@ -1,4 +1,4 @@
-"""The attack interface (DESIGN.md section 4) and the shared evaluation on transmitted test features.
+"""The attack interface (docs/attacks.md) and the shared evaluation on transmitted test features.
 
 Every attack is a class with the same two calls: ``fit(edge, data)`` (learn from the attacker's data,
 seeing features exactly as the defended edge sends them) and ``invert(z)`` (reconstruct images in [0, 1]
@@ -19,7 +19,7 @@ from ..metrics import image_metrics
 from ..params import NoParams, params_from
 from ..registry import Registry
 # the worst case over a suite and the weak-attack warnings live in the results layer (re-exported here)
-from ..results.records import METRIC_DIRECTIONS, weak_attack_warnings, worst_case  # noqa: F401
+from ..results.records import METRIC_DIRECTIONS, still_improving, weak_attack_warnings, worst_case  # noqa: F401
 
 ATTACKS: Registry[type["Attack"]] = Registry("attack")
 log = logging.getLogger("splitveil.attacks")
@@ -103,7 +103,35 @@ def reconstruct(attack: Attack, z: torch.Tensor, batch_size: int = 256) -> torch
 
 
 def run_attack(attack: Attack, edge: Edge, data: DataBundle, seed: int) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    """Fit ``attack``, reconstruct its evaluation split; returns (result, originals, reconstructions)."""
+    """The Python API's attack: fit ``attack``, reconstruct its evaluation split and score it; returns
+    (result, originals, reconstructions). ``result`` has what a run records for the attack (mse / psnr / ssim
+    with their std, ``n_images``, ``fit_seconds``, ``invert_seconds``, ``fit.*``) and, as ``splitveil run``
+    reports them, what keeps a number from being misread:
+
+    - ``baseline_mse``: the trivial attacker (the mean of the attacker's images) on the same evaluated images;
+    - ``weak_attack``: True when the attack does not beat it (its MSE is a failed fit, not privacy);
+    - ``unconverged``: True when the fit still lowered its held-out MSE by more than 2% over the last fifth of
+      its budget (give it more epochs), None when the attack records no held-out curve (rmle).
+
+    A weak or unconverged attack is also logged as a warning."""
+    result, x01, x_hat = fit_and_score(attack, edge, data, seed)
+    base = mean_image_baseline(data, attack.eval_split(data), attack.fit_split(data))["mse"]
+    curve = result.get("fit.val_curve")
+    result["baseline_mse"] = float(base)
+    result["weak_attack"] = bool(result["mse"] >= base)
+    result["unconverged"] = still_improving([float(v) for v in curve] if isinstance(curve, list) else None)
+    if result["weak_attack"]:
+        log.warning("attack %s does not beat the mean-image baseline (mse %.5f >= %.5f): its number measures a "
+                    "failed fit, not privacy", attack.name, result["mse"], base)
+    if result["unconverged"]:
+        log.warning("attack %s is unconverged: its held-out MSE still fell by more than 2%% over the last fifth of "
+                    "its budget; give it more epochs", attack.name)
+    return result, x01, x_hat
+
+
+def fit_and_score(attack: Attack, edge: Edge, data: DataBundle, seed: int) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """Fit ``attack``, reconstruct its evaluation split; returns (result, originals, reconstructions): the scores,
+    timings and ``fit.*`` facts a run records per attack (the run adds the baseline and flags over the suite)."""
     t0 = time.perf_counter()
     info = attack.fit(edge, data)
     fit_s = time.perf_counter() - t0

@@ -25,18 +25,19 @@ from typing import Any, Callable
 
 import torch
 
-from ..attacks import ATTACKS, Attack, mean_image_baseline, run_attack, transmitted
-from ..attacks.base import share_split
+from ..attacks import ATTACKS, Attack, mean_image_baseline, transmitted
+from ..attacks.base import fit_and_score, share_split
 from ..data import DataBundle, ImageSplit, build_data
 from ..defenses import DefenseStack, Edge, build_defenses
 from ..metrics import edge_cost
 from ..models import SplitModel, build_split_model
 from ..params import ConfigError
-from ..results.figures import save_recon_grid
+from ..results.figures import save_recon_grid, score_note
 from ..results.records import BASELINE, AttackResult, EdgeCost, ImageScores, RunRecord, WorstCase, weak_attack_warnings
 from ..training import Trainer
-from ..utils import atomic_torch_save, atomic_write_text, resolve_device, seed_everything
+from ..utils import atomic_torch_save, atomic_write_text, load_verified, resolve_device, restore_verified, seed_everything
 from ..version import __version__
+from .timing import StageTimer
 from .config import RunConfig
 
 log = logging.getLogger("splitveil.run")
@@ -192,7 +193,8 @@ def train(cfg: RunConfig, prep: Prepared, ckpt_path: Path | None = None, resume:
           run_id: str | None = None) -> Trained:
     """Stage 2: train under the defenses (resuming from ``ckpt_path`` when asked), then the test accuracy with the
     defenses active as at inference, and the quality flags."""
-    resuming = bool(resume and ckpt_path is not None and ckpt_path.exists())
+    # a checkpoint that does not match its recorded digest is never resumed: the previous one, or a fresh start
+    resuming = bool(resume and ckpt_path is not None and restore_verified(ckpt_path))
     init = None
     if cfg.train.init_from:   # a resumed run continues from its own checkpoint, which already holds the warm start
         f = Path(cfg.train.init_from).expanduser()
@@ -246,7 +248,7 @@ def attack_one(attack: Attack, index: int, edge: Edge, data: DataBundle,
                seeds: Seeds) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     """Fit and score the ``index``-th attack of the suite; returns (its result dict, originals, reconstructions)."""
     seed_everything(seeds.attack(index))
-    return run_attack(attack, edge, data, seed=seeds.transmit)
+    return fit_and_score(attack, edge, data, seed=seeds.transmit)
 
 
 def attack_all(specs: dict[str, Any], edge: Edge, data: DataBundle, seeds: Seeds, device: torch.device, *,
@@ -350,7 +352,7 @@ def _resumed_attacks(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Ten
     for name in list(attacks):
         f = run_dir / f"recon_{name}.pt"
         try:
-            d = torch.load(f, weights_only=True)
+            d = load_verified(f)   # its recorded SHA-256 first
             rows[name], originals = d["recon"], d["originals"]
         except Exception as e:
             log.warning("%s cannot be read (%s: %s): running attack %s again", f, type(e).__name__, e, name)
@@ -361,13 +363,12 @@ def _resumed_attacks(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Ten
 def run_pipeline(cfg: RunConfig, run_id: str, run_dir: Path, resume: bool = False) -> RunRecord:
     """The stages in order, for one run in ``run_dir`` (checkpoints, finished attacks and the reconstruction grid
     are kept there: an interrupted run resumes where it stopped)."""
-    timings: dict[str, float] = {}
-    t_all = time.perf_counter()
-    prep = prepare(cfg)
-    timings["data_s"] = prep.data_s
-    trained = train(cfg, prep, ckpt_path=run_dir / "checkpoint.pt", resume=resume, run_id=run_id)
-    timings["train_s"] = trained.train_s
-    diagnostics = prep.defenses.diagnostics(prep.model, prep.data, prep.device)  # e.g. CEM's feature scale on test
+    clock = StageTimer(run_dir, resume)   # per stage, cumulative over the sessions of a resumed run
+    with clock.stage("data"):
+        prep = prepare(cfg)
+    with clock.stage("train"):
+        trained = train(cfg, prep, ckpt_path=run_dir / "checkpoint.pt", resume=resume, run_id=run_id)
+        diagnostics = prep.defenses.diagnostics(prep.model, prep.data, prep.device)  # e.g. CEM's feature scale on test
     edge = freeze_edge(prep.model.encoder, prep.defenses)
 
     done, rows, originals = _resumed_attacks(run_dir) if resume else ({}, {}, None)
@@ -380,15 +381,18 @@ def run_pipeline(cfg: RunConfig, run_id: str, run_dir: Path, resume: bool = Fals
         partial[name] = result
         atomic_write_text(run_dir / "attacks.json", json.dumps(partial, indent=2))
 
-    outcome = attack_all(cfg.attack_params(), edge, prep.data, prep.seeds, prep.device, show_progress=cfg.progress,
-                         workdir=run_dir, n_show=min(cfg.eval.recon_images, len(prep.data.test)), done=done,
-                         done_rows=rows, done_originals=originals, on_result=persist)
+    with clock.stage("attacks"):
+        outcome = attack_all(cfg.attack_params(), edge, prep.data, prep.seeds, prep.device, show_progress=cfg.progress,
+                             workdir=run_dir, n_show=min(cfg.eval.recon_images, len(prep.data.test)), done=done,
+                             done_rows=rows, done_originals=originals, on_result=persist)
     if outcome.originals is not None:
         title = f"{prep.data.name} {cfg.model.name} cut={prep.model.cut_name} defense={prep.defenses.label}"
-        save_recon_grid(run_dir / "recon.png", outcome.originals, outcome.recon, title)
-    cost = measure_cost(cfg, edge, prep.model, prep.data, prep.device)
-    timings["total_s"] = time.perf_counter() - t_all
-    return record(cfg, run_id, prep, trained, diagnostics, outcome, cost, timings)
+        weak = set(outcome.worst_case.weak_attacks or []) if outcome.worst_case else set()
+        notes = {n: score_note(a.mse, a.ssim, n in weak, bool(a.unconverged())) for n, a in outcome.attacks.items()}
+        save_recon_grid(run_dir / "recon.png", outcome.originals, outcome.recon, title, notes=notes)
+    with clock.stage("cost"):
+        cost = measure_cost(cfg, edge, prep.model, prep.data, prep.device)
+    return record(cfg, run_id, prep, trained, diagnostics, outcome, cost, clock.totals())
 
 
 def transmitted_features(edge: Edge, data: DataBundle, split: ImageSplit, device: torch.device, seeds: Seeds,
