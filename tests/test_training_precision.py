@@ -258,3 +258,39 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0, repr(float(acc)))
     faults_off, faults_on = int(out["0"][0]), int(out["1"][0])
     assert out["0"][1] == out["1"][1]                  # the same numbers, bit for bit
     assert faults_on * 5 < faults_off, (faults_on, faults_off)
+
+
+def test_lr_warmup_is_linear_per_step_then_the_schedule_takes_over():
+    """train.warmup_epochs: lr rises linearly per step over the warm-up to the schedule's lr; the epoch-wise
+    schedule then decays from its own value (not from a warmed-up one)."""
+    from splitveil.data.base import DataBundle, ImageSplit
+    from splitveil.defenses import build_defenses
+
+    g = torch.Generator().manual_seed(0)
+    split = ImageSplit(torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8, generator=g),
+                       torch.randint(0, 2, (32,), generator=g), torch.arange(32), "train")
+    data = DataBundle("synthetic", split, split, split, 2, ["a", "b"], (0.5,), (0.25,))
+
+    def lrs(cfg):
+        torch.manual_seed(0)
+        model = build_split_model(ModelConfig(name="vgg11_bn", width=0.125, cut=1), 2, (1, 8, 8))
+        tr = Trainer(model, build_defenses({"name": "none"}), data, cfg, torch.device("cpu"), show_progress=False)
+        seen = []
+        real = tr.optimizer.step
+
+        def step(*a, **k):
+            seen.append(round(tr.optimizer.param_groups[0]["lr"], 10))
+            return real(*a, **k)
+        tr.optimizer.step = step
+        while tr.epoch < cfg.epochs:
+            tr.train_epoch()
+        return seen
+
+    cfg = TrainConfig(epochs=3, batch_size=8, optimizer="sgd", lr=0.1, schedule="multistep", milestones=[2], gamma=0.1,
+                      warmup_epochs=1.5, precision="fp32", channels_last=False)
+    got = lrs(cfg)
+    assert got == pytest.approx([0.1 * k / 6 for k in range(1, 7)] + [0.1, 0.1] + [0.01] * 4)
+    plain = lrs(TrainConfig(**{**cfg.__dict__, "warmup_epochs": 0.0}))
+    assert plain == pytest.approx([0.1] * 8 + [0.01] * 4)
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        coerce(TrainConfig, {"epochs": 2, "warmup_epochs": 3})

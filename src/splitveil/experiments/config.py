@@ -32,6 +32,11 @@ class EvalConfig:
     def validate(self) -> None:
         require(self.recon_images >= 1, "recon_images", "must be >= 1")
         require(self.latency_repeats >= 1, "latency_repeats", "must be >= 1")
+        require(self.latency_batch >= 1, "latency_batch", "must be >= 1 (images per timed forward pass)")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1 (images per evaluation batch)")
+
+
+MAX_SEED = 2 ** 62
 
 
 @dataclass
@@ -50,6 +55,8 @@ class RunConfig:
     attacks: AttackSuite = field(default_factory=lambda: AttackSuite.from_config({"inverse_network": {}}))
     eval: EvalConfig = field(default_factory=EvalConfig)
     plugins: list[str] = field(default_factory=list)   # the user's modules that register defenses, attacks, ...
+    tracking: dict = field(default_factory=dict)   # {tensorboard: DIR, mlflow: URI} (splitveil.tracking); no result changes
+    tracking: dict = field(default_factory=dict)   # {tensorboard: DIR, mlflow: URI} (splitveil.tracking); no result changes
 
     def __post_init__(self) -> None:
         # a plain mapping given in code (``RunConfig(defense={...})``, ``dataclasses.replace``) is typed here
@@ -59,9 +66,17 @@ class RunConfig:
             self.attacks = AttackSuite.from_config(self.attacks)
 
     def validate(self) -> None:
-        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
-                f"'{self.device}' is not auto, cpu or cuda[:N]")
+        require(bool(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device)), "device",
+                f"'{self.device}' is not auto, cpu, cuda or cuda:N")
+        require(0 <= self.seed <= MAX_SEED, "seed", f"{self.seed} is outside 0..{MAX_SEED} (2**62; the seeds derived "
+                                                   "from it must fit the 64-bit generators)")
         require(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")
+        from ..tracking import validate_tracking
+
+        validate_tracking(self.tracking)
+        from ..tracking import validate_tracking
+
+        validate_tracking(self.tracking)
         require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}", self.name)), "name",
                 f"{self.name!r}: use letters, digits, '.', '_' and '-' (no '/', it names the run folder)")
 
@@ -81,8 +96,12 @@ class RunConfig:
         # fields added later are written only when set, so configs and run ids from before them are unchanged
         if d["train"].get("init_from") is None:
             del d["train"]["init_from"]
+        if not d["train"].get("warmup_epochs"):
+            del d["train"]["warmup_epochs"]
         if d["model"].get("cloud_width") is None:
             del d["model"]["cloud_width"]
+        if not d.get("tracking"):
+            del d["tracking"]
         return d
 
     def defense_label(self) -> str:
@@ -95,6 +114,8 @@ class RunConfig:
         value out or leaving it implicit gives the same id."""
         d = self.to_dict()
         d.pop("progress")
+        d.pop("tracking", None)   # where results are also logged does not change them
+        d.pop("tracking", None)   # where results are also logged does not change them
         # what changes the result, not how it is spelled: the device type ('auto' resolved) and the data
         # folder as resolved (relative, '..', trailing '/', root or its dataset sub-folder)
         d["device"] = resolved_device_type(self.device)
@@ -102,7 +123,12 @@ class RunConfig:
         d["defense"] = self.defense.resolved()
         d["attacks"] = self.attacks.resolved()
         h = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
-        return f"{self.name}-{self.data.name}-{self.model.name}-{self.defense_label()}-s{self.seed}-{h}"
+        # a user's "module:function" model or data names the folder with its ':' written as '.'
+        return f"{self.name}-{_safe(self.data.name)}-{_safe(self.model.name)}-{self.defense_label()}-s{self.seed}-{h}"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", ".", name)
 
 
 def resolved_device_type(device: str) -> str:
@@ -118,7 +144,7 @@ def canonical_data_root(data: DataConfig) -> str | None:
     from ..data.build import resolve_root
 
     if data.name in DATASETS and not DATASETS.get(data.name).needs_root:
-        return None
+        return DATASETS.get(data.name).fingerprint   # None, or the content hash of the user's in-memory data
     try:
         return str(resolve_root(data))
     except ConfigError:   # missing or does not exist (yet): the absolute spelling

@@ -16,7 +16,7 @@ from ..defenses import DefenseContext, DefenseStack, StepContext
 from ..models import SplitModel
 from ..params import CorruptFileError, require
 from ..precision import DeviceMeter, MixedPrecision
-from ..utils import atomic_torch_save, progress, rng_state, set_rng_state
+from ..utils import atomic_torch_save, load_verified, progress, rng_state, set_rng_state
 
 log = logging.getLogger("splitveil.train")
 
@@ -33,6 +33,9 @@ class TrainConfig:
     milestones: list[int] = field(default_factory=list)  # epochs at which multistep multiplies lr by gamma
     gamma: float = 0.1
     grad_clip: float | None = None
+    # linear lr warm-up over the first ``warmup_epochs`` epochs (per step, from lr/steps to the schedule's lr), as
+    # the CEM reference trains (1 epoch); 0: none. The schedule's own epoch-wise decay is unchanged
+    warmup_epochs: float = 0.0
     # autocast mixed precision (parameters and optimizer state stay float32) and the memory layout of 4-D
     # tensors; auto: bf16 + channels-last where the device runs bf16 fast, fp32 elsewhere (splitveil.precision)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -50,6 +53,9 @@ class TrainConfig:
         require(self.lr > 0, "lr", "must be positive")
         require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be positive or null")
+        require(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+        require(self.warmup_epochs <= max(self.epochs, 0) or self.epochs == 0, "warmup_epochs",
+                f"{self.warmup_epochs} is longer than training ({self.epochs} epochs)")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,6 +76,7 @@ class Trainer:
     (progress bar, non-finite check) and at the end of the epoch."""
 
     run_id: str | None = None   # when set: stored in checkpoints, and a checkpoint of another run is refused
+    on_epoch: Any = None        # when set: called as on_epoch(epoch, stats) after every epoch (tracking)
 
     def __init__(self, model: SplitModel, defenses: DefenseStack, data: DataBundle, cfg: TrainConfig,
                  device: torch.device, seed: int = 0, ckpt_path: str | Path | None = None, show_progress: bool = True,
@@ -117,6 +124,24 @@ class Trainer:
             for _ in range(self.epoch):  # keep the schedule's position when rebuilt mid-training
                 self.scheduler.step()
 
+    def _warmup_lr(self, steps_per_epoch: int) -> None:
+        """During the warm-up: every group's lr = the schedule's lr x (step + 1) / warm-up steps."""
+        w = self.cfg.warmup_epochs
+        if w <= 0:
+            return
+        total = max(1, int(round(w * steps_per_epoch)))
+        if self.global_step >= total:
+            if self.global_step == total:
+                self._restore_schedule_lr()
+            return
+        f = (self.global_step + 1) / total
+        for g, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            g["lr"] = lr * f
+
+    def _restore_schedule_lr(self) -> None:
+        for g, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            g["lr"] = lr
+
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
@@ -140,6 +165,7 @@ class Trainer:
         total = max(1, len(self.data.train) // self.cfg.batch_size)
         bar = progress(batches, self.show_progress, total=total, desc=f"train {epoch + 1}/{self.cfg.epochs}", leave=False)
         for x, y in bar:
+            self._warmup_lr(total)
             with amp.autocast():
                 z = self.model.encoder(amp.input(x))
             z = z.float().contiguous()  # defenses see float32 features in the default layout
@@ -161,6 +187,7 @@ class Trainer:
                 means = self._check(meter, epoch, first_step)
                 bar.set_postfix(loss=f"{means['loss.task']:.3f}", acc=f"{means['correct']:.3f}")
         means = self._check(meter, epoch, first_step)
+        self._restore_schedule_lr()   # the schedule steps from its own lr, never from a warmed-up one
         self.scheduler.step()
         self.epoch += 1
         stats = {k: v for k, v in means.items() if k.startswith("loss.")}
@@ -210,6 +237,8 @@ class Trainer:
             stats["lr"] = self.optimizer.param_groups[0]["lr"]
             self.history.append(stats)
             log.info("epoch %d: %s", self.epoch, {k: round(v, 4) for k, v in stats.items()})
+            if self.on_epoch is not None:
+                self.on_epoch(self.epoch, {k: v for k, v in stats.items() if k != "epoch"})
             if self.ckpt_path:
                 self.save(self.ckpt_path)
 
@@ -233,14 +262,17 @@ class Trainer:
         }
 
     def save(self, path: str | Path) -> None:
-        atomic_torch_save(self.state(), path)
+        """The checkpoint, its SHA-256 beside it (``checkpoint.pt.sha256``); the one before is kept as
+        ``checkpoint.prev.pt`` (the last state to fall back on when this one does not verify)."""
+        atomic_torch_save(self.state(), path, keep_previous=True)
 
     def load(self, path: str | Path) -> None:
+        """Resume from ``path`` after checking its recorded SHA-256 (an altered or unverifiable checkpoint is an
+        IntegrityError naming it, never resumed)."""
         try:
-            st = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as e:
-            raise CorruptFileError(f"{path}: not a readable checkpoint ({type(e).__name__}); delete it to train "
-                                   f"from scratch (or re-run with --force)") from None
+            st = load_verified(path, map_location=self.device)
+        except CorruptFileError as e:
+            raise type(e)(f"{e}; delete it to train from scratch (or re-run with --force)") from None
         if self.run_id is not None and st.get("run_id") != self.run_id:
             raise CorruptFileError(f"{path}: checkpoint of run {st.get('run_id')}, not of {self.run_id}; delete it "
                                    f"(or re-run with --force)")
