@@ -369,6 +369,8 @@ def run_pipeline(cfg: RunConfig, run_id: str, run_dir: Path, resume: bool = Fals
     with clock.stage("train"):
         trained = train(cfg, prep, ckpt_path=run_dir / "checkpoint.pt", resume=resume, run_id=run_id)
         diagnostics = prep.defenses.diagnostics(prep.model, prep.data, prep.device)  # e.g. CEM's feature scale on test
+    for part, seconds in trained.trainer.seconds.items():   # the training stage by part
+        clock.add(f"train_{part}", seconds)
     edge = freeze_edge(prep.model.encoder, prep.defenses)
 
     done, rows, originals = _resumed_attacks(run_dir) if resume else ({}, {}, None)

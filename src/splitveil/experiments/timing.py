@@ -44,6 +44,11 @@ class StageTimer:
             self.now[key] = self.now.get(key, 0.0) + time.perf_counter() - t
             self.save()
 
+    def add(self, name: str, seconds: float) -> None:
+        """Seconds measured elsewhere (a part of a stage, e.g. ``train_steps``) recorded as ``<name>_s``."""
+        key = f"{name}_s"
+        self.now[key] = self.now.get(key, 0.0) + float(seconds)
+
     def totals(self) -> dict[str, float]:
         """Every stage's seconds over all sessions, ``total_s`` (wall time of all sessions), ``session_s`` (this
         one) and ``sessions``."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,9 @@ class Trainer:
         self.ckpt_path = Path(ckpt_path) if ckpt_path else None
         self.generator = torch.Generator().manual_seed(seed)  # data order and augmentation
         self.rebuild_optimizer()
+        # wall seconds of this session's training by part: steps (batches, forward/backward, the defenses'
+        # epoch hooks), the per-epoch test evaluation, the checkpoints (benchmarks/run_cost.py reads them)
+        self.seconds: dict[str, float] = {"steps": 0.0, "eval": 0.0, "checkpoint": 0.0}
 
     # -- optimisation ---------------------------------------------------------------------------------
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -229,18 +233,25 @@ class Trainer:
         return self.history
 
     def _fit_epochs(self) -> None:
+        clock = time.perf_counter
         while self.epoch < self.cfg.epochs:
+            t = clock()
             stats = self.train_epoch()
+            self.seconds["steps"] += clock() - t
             self._check_finite_state()
             stats["epoch"] = self.epoch
+            t = clock()
             stats["test_accuracy"] = self.evaluate("test")
+            self.seconds["eval"] += clock() - t
             stats["lr"] = self.optimizer.param_groups[0]["lr"]
             self.history.append(stats)
             log.info("epoch %d: %s", self.epoch, {k: round(v, 4) for k, v in stats.items()})
             if self.on_epoch is not None:
                 self.on_epoch(self.epoch, {k: v for k, v in stats.items() if k != "epoch"})
             if self.ckpt_path:
+                t = clock()
                 self.save(self.ckpt_path)
+                self.seconds["checkpoint"] += clock() - t
 
     def _check_finite_state(self) -> None:
         """Diverged training can keep finite losses while weights or BN statistics overflow: check them all."""
