@@ -132,7 +132,7 @@ def canonical_data_root(data: DataConfig) -> str | None:
     from ..data.build import resolve_root
 
     if data.name in DATASETS and not DATASETS.get(data.name).needs_root:
-        return DATASETS.get(data.name).fingerprint   # None, or the content hash of the user's in-memory data
+        return None
     try:
         return str(resolve_root(data))
     except ConfigError:   # missing or does not exist (yet): the absolute spelling
