@@ -26,15 +26,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # a digest of config.yaml's content of every shipped config file and of every point of every shipped sweep.
 # Updated deliberately once (2026-12-02): rmle's defaults changed (pyramid parameterisation, lr 0.02, TV grid),
 # so every config and sweep that lists rmle got a new run id (config.yaml content unchanged); the others did not.
+# Updated deliberately (2026-12-04): the four gpz_* configs' data.root was wrong (../shared/data, relative to the
+# file: inside the repository); now ../../shared/data, a different canonical root and so a new run id.
 EXPECTED = {
     'configs/att_faces_vgg11_cpu.yaml': {'run_id': 'att_faces_vgg11_cpu-att_faces-vgg11_bn-none-s0-5e91e7442a', 'config': '865bf25d98c67b5b'},
     'configs/cifar10_vgg11_cem_cpu.yaml': {'run_id': 'cifar10_vgg11_cem_cpu-cifar10-vgg11_bn-gaussian_noise+cem_gmm-s0-2f7d05027f', 'config': '9605079bd3f0fd86'},
     'configs/cifar10_vgg11_cem_paper.yaml': {'run_id': 'cifar10_vgg11_cem_paper-cifar10-vgg11_bn-gaussian_noise+cem_gmm-s0-aca338aa8d', 'config': '39ed79035b05e11a'},
     'configs/cifar10_vgg11_cpu.yaml': {'run_id': 'cifar10_vgg11_cpu-cifar10-vgg11_bn-none-s0-ae0795353a', 'config': '92e2947a21d6d4c1'},
-    'configs/gpz_ir152_cifar10.yaml': {'run_id': 'gpz_ir152_cifar10-cifar10-ir152-none-s0-4cd6cbbd29', 'config': '500bb249c1704e80'},
-    'configs/gpz_ir152_cifar10_cpu.yaml': {'run_id': 'gpz_ir152_cifar10_cpu-cifar10-ir152-none-s0-8d49555fbc', 'config': '1c2d652c9ec5e77f'},
-    'configs/gpz_vgg19_cifar10.yaml': {'run_id': 'gpz_vgg19_cifar10-cifar10-vgg19_bn-none-s0-112fdd604f', 'config': 'ac23f76dbcaef752'},
-    'configs/gpz_vgg19_cifar10_cpu.yaml': {'run_id': 'gpz_vgg19_cifar10_cpu-cifar10-vgg19_bn-none-s0-9b8ef3fa0a', 'config': '580e54c2d9ac6b84'},
+    'configs/gpz_ir152_cifar10.yaml': {'run_id': 'gpz_ir152_cifar10-cifar10-ir152-none-s0-269e77a453', 'config': '4fa17a914f4530f3'},
+    'configs/gpz_ir152_cifar10_cpu.yaml': {'run_id': 'gpz_ir152_cifar10_cpu-cifar10-ir152-none-s0-3baeea982f', 'config': '0e4b125d96c72a24'},
+    'configs/gpz_vgg19_cifar10.yaml': {'run_id': 'gpz_vgg19_cifar10-cifar10-vgg19_bn-none-s0-cdc5914bc6', 'config': 'e2edf3be2ad32fb2'},
+    'configs/gpz_vgg19_cifar10_cpu.yaml': {'run_id': 'gpz_vgg19_cifar10_cpu-cifar10-vgg19_bn-none-s0-b13840441f', 'config': 'a1e5b0523ace6504'},
     'configs/mnist_vgg11_cpu.yaml': {'run_id': 'mnist_vgg11_cpu-mnist-vgg11_bn-none-s0-592b44f0fb', 'config': '01e7e589c88e4697'},
     'configs/quickstart.yaml': {'run_id': 'quickstart-digits-vgg11_bn-none-s0-94c58393d2', 'config': '6b76cdba42bb3c52'},
     'sweeps/cem_tradeoff-cpu.yaml': {'points': 18, 'first': 'cem_tradeoff_cpu-cifar10-vgg11_bn-gaussian_noise+cem_gmm-s0-cc302fcf1e', 'last': 'cem_tradeoff_cpu-cifar10-vgg11_bn-gaussian_noise+cem_gated_pool-s0-fb2f40a97c', 'run_ids': '9bc2f3d7cdb32b37', 'configs': '166bbedea6a28126'},

@@ -13,8 +13,9 @@ from torch import nn
 from splitveil.models.decoder import InversionDecoder, token_grid
 from splitveil.experiments.gpz import (GPZSweep, detect_zone, label_form_defense, paper_fidelity_threshold, paper_zone,
                                       parse_cuts, run_compare, with_label_form)
+from splitveil.results.gpz import label_smoothing_reading, mse_fraction, mse_zone, rule_check
 from splitveil.metrics import decision_entropy_bound, feature_entropy_bound, probe_values
-from splitveil.metrics.probes import bootstrap_mean_radius, intra_class_radius
+from splitveil.metrics.probes import bootstrap_mean_radius, bootstrap_probe, intra_class_radius
 from splitveil.models import BlockModel, SplitModel, create_model
 from splitveil.params import ConfigError
 from splitveil.report.gpz import write_compare, write_sweep
@@ -167,6 +168,163 @@ def test_bootstrap_radius_matches_direct_resampling():
     assert many.std() > 0 and abs(many.mean().item() - probe_values(z, y)["rc2_mean"]) < 0.1 * many.std().item()
 
 
+# -- the scale-free probe beside R_c^2 ------------------------------------------------------------------------------
+class Scaled(nn.Module):
+    """A block whose output is multiplied by a constant (the next block's normalisation undoes it)."""
+
+    def __init__(self, block, c):
+        super().__init__()
+        self.block, self.c = block, c
+
+    def forward(self, x):
+        return self.c * self.block(x)
+
+
+def _rescale_model(scale: float | None) -> BlockModel:
+    """b1..b4 similarity maps (scale, rotation), b5 a batch standardisation (as a BatchNorm does), b6 shrinks the
+    instance-level dimensions (the classes contract), b7 identity; block 4 optionally wrapped with ``Scaled``."""
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(4)))
+    keep = torch.tensor([1.0] * 4 + [0.1] * 4)
+    b4 = Fn(lambda x: x)
+    blocks = [("b1", Fn(lambda x: x)), ("b2", Fn(lambda x: 1.5 * x)), ("b3", Fn(lambda x: x @ q)),
+              ("b4", Scaled(b4, scale) if scale is not None else b4),
+              ("b5", Fn(lambda x: (x - x.mean(0)) / x.std())),
+              ("b6", Fn(lambda x: (x @ q.T) * keep)), ("b7", Fn(lambda x: x)), ("head", nn.Linear(8, K))]
+    return BlockModel(blocks, (8,))
+
+
+def _rescale_rows(scale):
+    g = torch.Generator().manual_seed(2)
+    y = torch.arange(240) % K
+    x = torch.cat([3.0 * nn.functional.one_hot(y, K).float() + 0.3 * torch.randn(240, K, generator=g),
+                   torch.randn(240, 4, generator=g)], 1)
+    model, rows = _rescale_model(scale), []
+    with torch.no_grad():
+        for k in range(1, 8):
+            z = model.blocks[:k](x)
+            bp = bootstrap_probe(z, y, 40, seed=1)
+            rows.append({"cut": k, "block": f"b{k}", "rc2_boot": bp["rc2"].tolist(),
+                         "frac_boot": bp["within_fraction"].tolist(), **probe_values(z, y, K)})
+    return rows
+
+
+def test_rescaling_one_layer_moves_the_raw_rule_and_not_the_scale_free_one():
+    plain, scaled = _rescale_rows(None), _rescale_rows(0.02)
+    zp, zs = detect_zone(plain), detect_zone(scaled)
+    # without the rescaling both rules find the contraction into b6
+    assert zp["zone_cuts"][0] == 6 and zp["scale_free"]["first_drop_cut"] == 6 and zp["disagreement"] is None
+    # block 4's output x 0.02: R_c^2 falls 99.96% into cut 4 and the raw rule moves there ...
+    assert scaled[3]["rc2_mean"] == pytest.approx(0.02 ** 2 * plain[3]["rc2_mean"], rel=1e-6)
+    assert zs["first_drop_cut"] == 4 and zs["bootstrap"]["agreement"] == 1.0
+    # ... the scale-free fraction (and its bootstrap) is the same at every cut, and so is its zone
+    for a, b in zip(plain, scaled):
+        assert b["within_fraction"] == pytest.approx(a["within_fraction"], rel=1e-6)
+        assert b["between_within"] == pytest.approx(a["between_within"], rel=1e-6)
+        assert np.allclose(b["frac_boot"], a["frac_boot"], rtol=1e-6)
+    assert zs["scale_free"]["zone_cuts"] == zp["scale_free"]["zone_cuts"] and zs["scale_free"]["first_drop_cut"] == 6
+    assert zs["scale_free"]["bootstrap"]["agreement"] == zp["scale_free"]["bootstrap"]["agreement"]
+    # the downstream normalisation undoes the scale: deeper cuts are unchanged
+    assert scaled[5]["rc2_mean"] == pytest.approx(plain[5]["rc2_mean"], rel=1e-6)
+    # the disagreement line names both cuts and what the raw drop is made of
+    line = zs["disagreement"]
+    assert "cut 4" in line and "cut 6" in line and "tr(Sigma) falls 100%" in line and "within-class fraction only 0%" in line
+
+
+def test_bootstrap_probe_matches_direct_resampling_and_is_scale_free():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(60) % 4
+    y[0] = 9                                                        # a singleton: fixed in every resample
+    z = torch.randn(60, 3, 2, generator=g) + 2.0 * y.view(-1, 1, 1).float().clamp(max=3)
+    bp = bootstrap_probe(z, y, 30, seed=5)
+    assert torch.equal(bp["rc2"], bootstrap_mean_radius(z, y, 30, seed=5))    # the same resamples
+    from splitveil.metrics.probes import bootstrap_class_groups
+    groups = bootstrap_class_groups(y, 30, 5)
+    zf, n_all = z.flatten(1).double(), len(y)
+    for b in (0, 11, 29):   # rebuild resample b explicitly and compute its decomposed tr(Sigma) directly
+        means, within, bias = [], 0.0, 0.0
+        for idx, counts in groups:
+            zc = zf[torch.repeat_interleave(idx, counts[b].long())]
+            n, p = len(idx), len(idx) / n_all
+            within += p * float(((zc - zc.mean(0)) ** 2).sum(1).mean()) * n / (n - 1)
+            bias += p * (1 - p) * float(((zf[idx] - zf[idx].mean(0)) ** 2).sum(1).mean()) / n
+            means.append((p, zc.mean(0)))
+        means.append((1 / n_all, zf[0]))
+        grand = sum(p * m for p, m in means)
+        between = sum(p * float(((m - grand) ** 2).sum()) for p, m in means)
+        assert bp["total"][b].item() == pytest.approx(within + between - bias, rel=1e-9)
+        assert bp["within_fraction"][b].item() == pytest.approx(bp["rc2"][b].item() / bp["total"][b].item(), rel=1e-12)
+    # chunking the columns changes nothing; a constant factor leaves the fraction alone
+    assert torch.allclose(bootstrap_probe(z, y, 30, seed=5, chunk=1)["total"], bp["total"], rtol=1e-12)
+    assert torch.allclose(bootstrap_probe(z * 40.0, y, 30, seed=5)["within_fraction"], bp["within_fraction"], rtol=1e-9)
+    # centred on the sample's values (tr(Sigma) = sigma2 * d exactly at the sample)
+    pv, many = probe_values(z, y), bootstrap_probe(z, y, 4000, seed=1)
+    assert pv["total_variance"] == pytest.approx(pv["sigma2"] * 6, rel=1e-12)
+    for key, est in (("total", pv["total_variance"]), ("within_fraction", pv["within_fraction"])):
+        assert abs(many[key].mean().item() - est) < 0.1 * many[key].std().item(), key
+
+
+# -- the zone by MSE, the localising check, the label-smoothing reading -----------------------------------------
+def _mse_rows(fracs: dict[int, float], base: float = 0.06) -> list[dict]:
+    return [{"cut": k, "block": f"conv{k}", "rc2_mean": 100.0 / k, "mse": f * base, "baseline_mse": base}
+            for k, f in fracs.items()]
+
+
+def test_zone_by_mse_is_the_largest_jump_of_the_baseline_fraction():
+    rows = _mse_rows({2: 0.03, 8: 0.45, 9: 0.48, 10: 0.55, 11: 0.60, 12: 0.80, 13: 0.84, 16: 0.93})
+    m = mse_zone(rows)
+    assert m["found"] and m["zone_cut"] == 8 and m["from_cut"] == 2 and not m["localised"]     # 2 -> 8: a gap
+    assert m["jumps"][0] == pytest.approx(0.42) and m["below_ceiling"] == [2, 8, 9, 10, 11]
+    every = mse_zone([r for r in rows if r["cut"] >= 8])             # only the consecutive region 8..13, 16
+    assert every["zone_cut"] == 12 and every["from_cut"] == 11 and every["localised"]
+    assert every["max_jump"] == pytest.approx(0.20)
+    # the check that replaces "MSE at the zone >= 4x MSE at cut 2": does the MSE jump at the rule's zone?
+    hit = rule_check({"first_drop_cut": 12}, every)
+    assert hit["matches_mse"] and hit["jump_rank"] == 1 and hit["fraction_before"] == pytest.approx(0.60)
+    miss = rule_check({"first_drop_cut": 13}, every)
+    assert miss["matches_mse"] is False and miss["jump"] == pytest.approx(0.04) and miss["jump_rank"] == 5
+    gap = rule_check({"first_drop_cut": 16}, every)                  # cut 15 not attacked: no jump into 16
+    assert "jump" not in gap and gap["matches_mse"] is False
+    # no baseline, no zone; a falling fraction is no zone either
+    assert not mse_zone([{**r, "baseline_mse": None} for r in rows])["found"]
+    assert not mse_zone(_mse_rows({8: 0.9, 9: 0.8}))["found"]
+    assert mse_fraction({"mse": 0.03, "baseline_mse": 0.06}) == pytest.approx(0.5)
+
+
+def _ls_rows(seed: int, scale: float, frac_shift: float, mse_shift: float = 0.0) -> list[dict]:
+    """Per-seed rows: R_c^2 = frac * tr(Sigma); the LS form multiplies tr(Sigma) by ``scale`` and moves the
+    within-class fraction by ``frac_shift``."""
+    jitter = [0.0, 0.004, -0.004][seed]
+    rows = []
+    for k, (tr, frac, mfrac) in enumerate([(400.0, 0.50, 0.45), (300.0, 0.48, 0.62), (200.0, 0.45, 0.85)], 1):
+        t, f = tr * scale * (1 + jitter), frac + frac_shift + jitter
+        rows.append({"cut": k, "block": f"b{k}", "rc2_mean": f * t, "within_fraction": f, "sigma2": t / 10, "d": 10,
+                     "mse": 0.06 * (mfrac + mse_shift + jitter / 4), "baseline_mse": 0.06})
+    return rows
+
+
+def test_label_smoothing_reading_tells_contraction_from_rescaling():
+    one = [_ls_rows(s, 1.0, 0.0) for s in range(3)]
+    rescale = label_smoothing_reading({"onehot": one, "ls+0.3": [_ls_rows(s, 0.3, 0.0) for s in range(3)]})
+    r = rescale["forms"]["ls+0.3"]
+    assert r["verdict"] == "only rescales" and r["deepest_cut"] == 3
+    assert r["per_cut"][2]["tr_ratio"] == pytest.approx(0.3) and r["per_cut"][2]["rc2_ratio"] == pytest.approx(0.3)
+    assert r["per_cut"][2]["frac_diff"][1] < 0 < r["per_cut"][2]["frac_diff"][2]
+    # MSE read only below its ceiling (70% of the baseline): cuts 1 and 2, not 3 (0.85)
+    assert [m["cut"] for m in r["below_ceiling_mse"]] == [1, 2]
+    assert all(m["verdict"] == "within seed spread" for m in r["below_ceiling_mse"])
+    contract = label_smoothing_reading({"onehot": one, "ls+0.3": [_ls_rows(s, 0.3, -0.1, 0.05) for s in range(3)]})
+    c = contract["forms"]["ls+0.3"]
+    assert c["verdict"] == "contracts the classes"
+    assert [m["verdict"] for m in c["below_ceiling_mse"]] == ["higher", "higher"]
+    same = label_smoothing_reading({"onehot": one, "ls-0.05": [_ls_rows(s, 1.0, 0.0) for s in range(3)]})
+    assert same["forms"]["ls-0.05"]["verdict"] == "does not shrink R_c^2"
+    with pytest.raises(ValueError, match="no 'onehot' form"):
+        label_smoothing_reading({"ls+0.3": one})
+    from splitveil.report.gpz import ls_reading_markdown
+    text = ls_reading_markdown(rescale)
+    assert "ls+0.3 only rescales" in text and "cut 1 " in text and "(at the ceiling)" in text
+
+
 def test_label_form_keeps_or_refuses_the_configured_defense():
     assert with_label_form({"name": "none"}, "ls+0.3") == {"name": "label_smoothing", "alpha": 0.3}
     noisy = {"name": "gaussian_noise", "sigma": 0.1}
@@ -188,11 +346,41 @@ def test_parse_cuts_and_label_forms():
         parse_cuts("4", names)
     with pytest.raises(ConfigError, match="unknown cut 'fc9'"):
         parse_cuts("fc9", names)
+    # ranges: inclusive, with '-' or ':', of cuts or block names, mixed with single cuts
+    vgg = [f"conv{i}" for i in range(1, 17)] + ["classifier"]
+    assert parse_cuts("8-16", vgg) == parse_cuts("8:16", vgg) == parse_cuts("conv8-conv16", vgg) == list(range(8, 17))
+    assert parse_cuts("2,8-16", vgg) == [2] + list(range(8, 17))
+    assert parse_cuts("2, 8 - 10, 9, conv12:conv13", vgg) == [2, 8, 9, 10, 12, 13]
+    with pytest.raises(ConfigError, match="runs backwards; write it as 8-16"):
+        parse_cuts("16-8", vgg)
+    with pytest.raises(ConfigError, match="17 is out of range; valid cuts are 1..16"):
+        parse_cuts("8-17", vgg)
+    with pytest.raises(ConfigError, match="unknown cut 'fc1'"):
+        parse_cuts("fc1-conv3", vgg)
     assert label_form_defense("onehot") == {"name": "none"}
     assert label_form_defense("ls+0.3") == {"name": "label_smoothing", "alpha": 0.3}
     assert label_form_defense("ls-0.05") == {"name": "label_smoothing", "alpha": -0.05}
     with pytest.raises(ConfigError, match="unknown label form 'soft'"):
         label_form_defense("soft")
+
+
+def test_gpz_configs_resolve_the_shared_data_and_the_paper_configs_are_the_papers_setting():
+    import os
+    from pathlib import Path
+
+    from splitveil.experiments.config import load_config
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "configs").glob("gpz_*.yaml"))
+    assert len(files) >= 5
+    for f in files:      # data.root is relative to the config file: ../../shared/data from configs/
+        assert os.path.normpath(load_config(f).data.root) == os.path.normpath(root.parent / "shared" / "data"), f.name
+    paper = {n: load_config(root / "configs" / f"gpz_{n}_cifar10.yaml") for n in ("vgg19", "ir152", "vit")}
+    assert [c.model.name for c in paper.values()] == ["vgg19_bn", "ir152", "vit"]
+    for c in paper.values():   # 64 px, full width, the full training set, 10,000 attacker images
+        assert (c.data.image_size, c.model.width, c.data.train_size, c.data.aux_size) == (64, 1.0, None, 10000)
+    vit = create_model("vit", 10, (3, 64, 64), 1.0, **paper["vit"].model.options)
+    with torch.no_grad():
+        assert tuple(vit.blocks[:7](torch.zeros(1, 3, 64, 64)).shape[1:]) == (257, 128)     # the paper's (257, 128)
 
 
 # -- the CIFAR-sized ViT ---------------------------------------------------------------------------------------
@@ -255,6 +443,22 @@ def test_sweep_rows_plots_and_resume(tmp_path, data_root, monkeypatch):
         assert r["rc2_ci95"][0] < r["rc2_ci95"][1] and len(r["rc2_boot"]) == 200
     assert res["zone"]["bootstrap"]["resamples"] == 200
     assert res["zone"]["fidelity"]["threshold_per_element"] == pytest.approx(0.02)      # MNIST: one channel
+    # the scale-free probe with its own bootstrap, the baseline with every MSE, both rules and the MSE zone
+    for r in res["rows"]:
+        assert r["total_variance"] == pytest.approx(r["sigma2"] * r["d"], rel=1e-9)
+        assert r["frac_ci95"][0] < r["within_fraction"] < r["frac_ci95"][1] and len(r["frac_boot"]) == 200
+        assert r["total_ci95"][0] < r["total_variance"] < r["total_ci95"][1]
+        assert 0 < r["baseline_mse"] < 1 and r["baseline_mse"] != r["mse"]
+    z = res["zone"]
+    assert z["scale_free"]["bootstrap"]["resamples"] == 200 and z["mse"]["cuts"] == [1, 4, 8]
+    assert set(z["checks"]) == {"raw", "scale_free"} and "disagreement" in z
+    md = (run_dir / "gpz.md").read_text()
+    assert "scale-free" in md and "zone by MSE" in md and "MSE / baseline" in md
+    for f in ("gpz.pdf", "recon_strip.pdf"):                               # a PDF beside each figure
+        assert (run_dir / f).read_bytes()[:5] == b"%PDF-"
+    from PIL import Image
+    with Image.open(run_dir / "gpz.png") as im:
+        assert round(im.info["dpi"][0]) == 300
 
     # resumable: a second sweep over all cuts keeps the finished ones (no new attack; probes added for the rest)
     def boom(self, k):

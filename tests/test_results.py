@@ -207,7 +207,7 @@ def test_the_gpz_sweep_reproduces_the_old_rows(tmp_path, data_root):
         torch.set_num_threads(threads)
     assert res["accuracy"] == pytest.approx(old["accuracy"], rel=1e-6)
     for new, was in zip(res["rows"], old["rows"]):
-        assert list(new) == list(was)
+        assert [k for k in new if k in was] == list(was)     # the old keys in the old order (new probes may add keys)
         for k in ("rc2_mean", "sigma2", "within_fraction", "edge_flops", "payload_bytes", "mse", "psnr", "ssim"):
             assert new[k] == pytest.approx(was[k], rel=1e-5), (new["cut"], k)
     assert res["zone"]["zone_cuts"] == old["zone"]["zone_cuts"]

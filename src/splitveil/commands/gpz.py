@@ -20,7 +20,9 @@ class GPZCommand:
     @staticmethod
     def add_arguments(p) -> None:
         _common(p)
-        p.add_argument("--cuts", default="all", help="'all' (default) or a list of cuts, e.g. 2,4,6 or conv2,conv4")
+        p.add_argument("--cuts", default="all",
+                       help="'all' (default) or a list of cuts, block names and inclusive ranges, e.g. 2,4,6 or "
+                            "conv2,conv4 or 8-16 or 8:16 or 2,8-16")
         p.add_argument("--no-attack", action="store_true", help="probe only (no inverse-network attack per cut)")
         p.add_argument("--compare-labels", metavar="FORMS",
                        help="train one model per label form and overlay them, e.g. onehot,ls+0.3,ls-0.05")
@@ -99,7 +101,13 @@ class ProbeCommand:
                 ("R_c^2 mean, bootstrap 95% interval", f"{ci[0]:.6g}..{ci[1]:.6g}" if ci else "-"),
                 ("classes in R_c^2 (>= 2 images) / left out", f"{row['rc2_classes']} / {row['rc2_excluded']}"), ("R_c^2 std over classes", f"{row['rc2_std']:.4g}"),
                 ("R_c^2 max", f"{row['rc2_max']:.6g}"), ("sigma_feat^2", f"{row['sigma2']:.6g}"),
-                ("within-class fraction", f"{row['within_fraction']:.4f}"),
+                ("tr(Sigma)", f"{row['total_variance']:.6g}"),
+                ("tr(Sigma), bootstrap 95% interval", f"{row['total_ci95'][0]:.6g}..{row['total_ci95'][1]:.6g}"
+                 if row.get("total_ci95") else "-"),
+                ("within-class fraction R_c^2 / tr(Sigma) (scale-free)", f"{row['within_fraction']:.4f}"),
+                ("within-class fraction, bootstrap 95% interval",
+                 f"{row['frac_ci95'][0]:.4f}..{row['frac_ci95'][1]:.4f}" if row.get("frac_ci95") else "-"),
+                ("between / within variance", f"{row['between_within']:.4g}"),
                 ("d/2 ln(2 pi e sigma_feat^2)", f"{row['h_feat_bound']:.6g}"),
                 ("D/2 ln(2 pi e R_c^2/D) + ln K", f"{row['h_dec_bound']:.6g}"),
                 ("edge params", f"{row['edge_params']:,} ({100 * row['edge_params_share']:.1f}%)"),

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterable
@@ -29,45 +30,61 @@ from torch import nn
 from ..attacks import ATTACKS
 from ..defenses import Edge, build_defenses
 from ..metrics import count_params, flops_per_image, payload_bytes
-from ..metrics.probes import bootstrap_mean_radius, probe_values
+from ..attacks import mean_image_baseline
+from ..metrics.probes import bootstrap_probe, probe_values
 from ..models import SplitModel, create_model
 from ..params import ConfigError, coerce
 from ..results.figures import save_recon_grid
 from ..results.gpz import (BOOTSTRAP_RESAMPLES, PAPER_MSE_SUMMED_THRESHOLD, SECOND_ZONE_GAP, ZONE_METHOD,  # noqa: F401
-                           detect_zone, paper_fidelity_threshold, paper_zone, percentile)
-from ..results.records import GPZ_ATTACK_KEYS, GPZRow
+                           detect_zone, label_smoothing_reading, paper_fidelity_threshold, paper_zone,
+                           percentile)
+from ..results.records import BASELINE, GPZ_ATTACK_KEYS, GPZRow
 from ..utils import atomic_write_text, resolve_device
 from . import pipeline
 from .config import RunConfig
 
 log = logging.getLogger("splitveil.gpz")
 
-PROBE_VERSION = 2                   # rows.json rows of an older probe (singleton classes counted, no bootstrap) are redone
+PROBE_VERSION = 3   # rows.json rows of an older probe are redone (1: singletons counted, no bootstrap; 2: no tr(Sigma),
+                    # no bootstrap of the within-class fraction); their attack results are kept
 ATTACK_KEYS = GPZ_ATTACK_KEYS       # the attack's keys in a row (old name)
 
 
 # -- cut selection and label forms -------------------------------------------------------------------------
+def _cut_index(item: str, block_names: list[str], n: int) -> int:
+    if item.lstrip("-").isdigit():
+        k = int(item)
+    elif item in block_names[:-1]:
+        k = block_names.index(item) + 1
+    else:
+        raise ConfigError(f"--cuts: unknown cut '{item}'; valid cuts are 1..{n} or a block name "
+                          f"({', '.join(block_names[:-1])})")
+    if not 1 <= k <= n:
+        raise ConfigError(f"--cuts: {k} is out of range; valid cuts are 1..{n}")
+    return k
+
+
 def parse_cuts(spec: str | Iterable[int | str] | None, block_names: list[str]) -> list[int]:
-    """``all`` / None: every block boundary 1..n-1; ``2,4,6`` or block names: those cuts (1-based, sorted)."""
+    """``all`` / None: every block boundary 1..n-1; otherwise a comma-separated list of cuts (1-based), block
+    names and inclusive ranges ``a-b`` or ``a:b`` (of cuts or block names), e.g. ``2,8-16``, ``8:16``,
+    ``conv8-conv16``. Returns the sorted distinct cuts."""
     n = len(block_names) - 1
     if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
         return list(range(1, n + 1))
     items = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
     if not items:
-        raise ConfigError("--cuts: empty list; use 'all' or e.g. 2,4,6")
+        raise ConfigError("--cuts: empty list; use 'all' or e.g. 2,4,6 or 8-16")
     out = set()
     for it in items:
-        it = str(it)
-        if it.lstrip("-").isdigit():
-            k = int(it)
-        elif it in block_names[:-1]:
-            k = block_names.index(it) + 1
+        it = str(it).strip()
+        m = re.fullmatch(r"\s*([A-Za-z_]\w*|\d+)\s*[-:]\s*([A-Za-z_]\w*|\d+)\s*", it)
+        if m and it not in block_names:
+            lo, hi = (_cut_index(g, block_names, n) for g in m.groups())
+            if lo > hi:
+                raise ConfigError(f"--cuts: range '{it}' runs backwards; write it as {hi}-{lo}")
+            out.update(range(lo, hi + 1))
         else:
-            raise ConfigError(f"--cuts: unknown cut '{it}'; valid cuts are 1..{n} or a block name "
-                              f"({', '.join(block_names[:-1])})")
-        if not 1 <= k <= n:
-            raise ConfigError(f"--cuts: {k} is out of range; valid cuts are 1..{n}")
-        out.add(k)
+            out.add(_cut_index(it, block_names, n))
     return sorted(out)
 
 
@@ -169,16 +186,19 @@ class GPZSweep:
         z, _ = pipeline.transmitted_features(edge, self.data, split, self.device, self.seeds, self.cfg.eval.batch_size)
         pv = probe_values(z, split.labels, self.data.num_classes)
         boot: dict[str, Any] = {"rc2_boot": None, "rc2_ci95": None}
+        extra: dict[str, Any] = {}
         if self.bootstrap:
-            bs = bootstrap_mean_radius(z, split.labels, self.bootstrap, self.seeds.bootstrap).tolist()
-            srt = sorted(bs)
-            boot = {"rc2_boot": bs, "rc2_ci95": [percentile(srt, 2.5), percentile(srt, 97.5)]}
+            bp = bootstrap_probe(z, split.labels, self.bootstrap, self.seeds.bootstrap)
+            ci = {k: (lambda s: [percentile(s, 2.5), percentile(s, 97.5)])(sorted(v.tolist())) for k, v in bp.items()}
+            boot = {"rc2_boot": bp["rc2"].tolist(), "rc2_ci95": ci["rc2"]}
+            extra = {"frac_boot": bp["within_fraction"].tolist(), "frac_ci95": ci["within_fraction"],
+                     "total_ci95": ci["total"]}
         shape = tuple(z.shape[1:])
         enc_params = count_params(edge.encoder)
         enc_flops = flops_per_image(edge.encoder, self.data.image_shape, self.device)
         return GPZRow(
             cut=k, block=self.block_names[k - 1], shape=list(shape), probe_images=n, probe_version=PROBE_VERSION,
-            bootstrap=self.bootstrap, **boot, probe={key: v for key, v in pv.items() if key != "rc2_per_class"},
+            bootstrap=self.bootstrap, **boot, probe={**{key: v for key, v in pv.items() if key != "rc2_per_class"}, **extra},
             rc2_per_class={str(c): v for c, v in pv["rc2_per_class"].items()},
             edge_params=enc_params, edge_params_share=enc_params / max(1, self.full_params),
             edge_flops=enc_flops, edge_flops_share=enc_flops / max(1, self.full_flops),
@@ -211,10 +231,22 @@ class GPZSweep:
                         {f"cut {k} {self.block_names[k - 1]}" + (f" {n}" if several else ""): r
                          for n, r in out.recon.items()}, title + (f" (worst case: {worst})" if several else ""))
         row = {key: result[key] for key in GPZ_ATTACK_KEYS if key in result}
+        base = out.baseline.get(BASELINE)
+        row["baseline_mse"] = base.mse if base is not None else None   # the mean-image attacker on the same images
         if several:
             row["worst_attack"] = worst
             row["attack_mse"] = {n: a.mse for n, a in out.attacks.items()}
         return row
+
+    def baseline_mse(self) -> float | None:
+        """The mean-image baseline's MSE on the images the attacks are scored on (the aux split's mean image
+        against the test split), for rows attacked before the sweep stored it. None when a configured attack
+        runs in inference-time mode (its own split of the test images: only a new attack gives its baseline)."""
+        self.prepare()
+        specs = self.cfg.attack_params() or {}
+        if any(getattr(p, "mode", "training-time") == "inference-time" for p in specs.values()):
+            return None
+        return float(mean_image_baseline(self.data)["mse"])
 
     # -- the whole sweep ------------------------------------------------------------------------------------
     def run(self, cuts: str | Iterable[int | str] | None = "all", attack: bool = True,
@@ -236,7 +268,12 @@ class GPZSweep:
             if attack and row.get("mse") is None:
                 row.update(self.attack(k))
                 self._save_row(row)
-                log.info("%s: cut %d %s: attack mse %.5f", step, k, row["block"], row["mse"])
+                log.info("%s: cut %d %s: attack mse %.5f (mean-image baseline %.5f)", step, k, row["block"],
+                         row["mse"], row["baseline_mse"] or float("nan"))
+            elif attack and row.get("baseline_mse") is None:
+                row["baseline_mse"] = self.baseline_mse()    # a row attacked before baselines were stored
+                if row["baseline_mse"] is not None:
+                    self._save_row(row)
             done[k] = row
         rows = [done[k] for k in ks]
         if not attack:  # a probe-only sweep: attack numbers of earlier runs are kept in rows.json, not shown
@@ -311,13 +348,24 @@ def run_compare(cfg: RunConfig, forms: list[str], out: str | Path = "runs", cuts
         res = list(per_seed.values())
         acc = _mean_std([r["accuracy"] for r in res])
         zones = ["+".join(map(str, r["zone"]["zone_cuts"])) if r["zone"]["found"] else "none" for r in res]
+        sf = [r["zone"].get("scale_free") or {} for r in res]
+        zones_sf = ["+".join(map(str, z["zone_cuts"])) if z.get("found") else "none" for z in sf]
         per_cut = []
         for i, r0 in enumerate(res[0]["rows"]):
             rc = _mean_std([r["rows"][i]["rc2_mean"] for r in res])
+            fr = _mean_std([r["rows"][i]["within_fraction"] for r in res])
+            tr = _mean_std([r["rows"][i]["sigma2"] * r["rows"][i]["d"] for r in res])
             mv = [r["rows"][i].get("mse") for r in res]
             m = _mean_std(mv) if all(v is not None for v in mv) else (None, None)
             per_cut.append({"cut": r0["cut"], "block": r0["block"], "rc2_mean": rc[0], "rc2_seed_std": rc[1],
-                            "mse": m[0], "mse_seed_std": m[1], "seeds": n})
-        summary[form] = {"accuracy": acc[0], "accuracy_seed_std": acc[1], "zones": zones, "per_cut": per_cut}
-    atomic_write_text(cdir / "compare.json", json.dumps({"seeds": seeds, "forms": summary}, indent=2))
-    return {"dir": str(cdir), "results": results, "summary": summary, "seeds": seeds, "model": cfg.model.name}
+                            "within_fraction": fr[0], "within_fraction_seed_std": fr[1], "total_variance": tr[0],
+                            "total_variance_seed_std": tr[1], "mse": m[0], "mse_seed_std": m[1], "seeds": n})
+        summary[form] = {"accuracy": acc[0], "accuracy_seed_std": acc[1], "zones": zones, "zones_scale_free": zones_sf,
+                         "per_cut": per_cut}
+    ls = None
+    if n > 1 and "onehot" in results and len(results) > 1:
+        ls = label_smoothing_reading({f: [r["rows"] for r in per_seed.values()] for f, per_seed in results.items()})
+    atomic_write_text(cdir / "compare.json", json.dumps({"seeds": seeds, "forms": summary, "label_smoothing": ls},
+                                                        indent=2))
+    return {"dir": str(cdir), "results": results, "summary": summary, "seeds": seeds, "model": cfg.model.name,
+            "label_smoothing": ls}

@@ -30,7 +30,8 @@ METRIC_DIRECTIONS: dict[str, bool] = {"mse": False, "psnr": True, "ssim": True, 
 IMAGE_METRICS: tuple[str, ...] = ("mse", "psnr", "ssim")
 # what a GPZ row keeps of the attack at its cut
 GPZ_ATTACK_KEYS: tuple[str, ...] = ("mse", "mse_std", "psnr", "psnr_std", "ssim", "ssim_std", "fit_seconds",
-                                     "worst_attack", "attack_mse")   # the last two: only with several attacks
+                                     "worst_attack", "attack_mse",    # these two: only with several attacks
+                                     "baseline_mse")                  # the mean-image attacker on the same images
 FLAG_TEXT = {"weak_attack": "weak attack", "chance_accuracy": "chance accuracy", "unconverged": "unconverged attack"}
 # flags that keep a run out of fronts, frontiers and gains (its privacy number is not a measurement of the defense)
 EXCLUDING_FLAGS = frozenset({"chance_accuracy", "unconverged", "diverged"})
