@@ -36,6 +36,8 @@ class DatasetInfo:
     num_classes: int | None = None
     class_names: tuple[str, ...] | None = None   # compared as a set (folder order may differ)
     channels: int | None = None                  # the dataset's own channels (checked when data.channels is null)
+    cache: bool = True               # False: never written to the decode cache (data the user holds in memory)
+    fingerprint: str | None = None   # what the run id hashes for data without a root (the user's data: its content)
 
 
 DATASETS: Registry[DatasetInfo] = Registry("dataset")

@@ -1,6 +1,7 @@
 """Build the train/test/aux splits of a run from a :class:`DataConfig` (with an on-disk decode cache)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,6 +34,12 @@ class DataConfig:
                                      # aux_size images of its training pool, at this dataset's size and channels
 
     def validate(self) -> None:
+        from ..references import is_reference
+
+        if is_reference(self.name):   # the user's data, "module:function" (data/user.py): registered on first use
+            from .user import ensure_user_dataset
+
+            ensure_user_dataset(self.name, self.root)
         require(self.name in DATASETS, "name", DATASETS.unknown(self.name))
         require(self.image_size is None or self.image_size >= 4, "image_size", "must be >= 4")
         require(self.channels in (None, 1, 3), "channels", "must be 1, 3 or null")
@@ -163,7 +170,7 @@ def _take(n: int | None, idx: torch.Tensor) -> torch.Tensor:
 def build_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
     """Deterministic splits for ``seed``: aux is held out of the training pool, disjoint from train and test."""
     info = DATASETS.get(cfg.name)
-    raw = load_raw(cfg)
+    raw = load_raw(cfg if info.cache else dataclasses.replace(cfg, cache=False))   # data held in memory: no cache
     check_raw(cfg, raw, resolve_root(cfg))
     g = torch.Generator().manual_seed(10_007 + seed)
     pool_x, pool_y = raw.train_images, raw.train_labels

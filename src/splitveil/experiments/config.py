@@ -55,6 +55,7 @@ class RunConfig:
     attacks: AttackSuite = field(default_factory=lambda: AttackSuite.from_config({"inverse_network": {}}))
     eval: EvalConfig = field(default_factory=EvalConfig)
     plugins: list[str] = field(default_factory=list)   # the user's modules that register defenses, attacks, ...
+    tracking: dict = field(default_factory=dict)   # {tensorboard: DIR, mlflow: URI} (splitveil.tracking); no result changes
 
     def __post_init__(self) -> None:
         # a plain mapping given in code (``RunConfig(defense={...})``, ``dataclasses.replace``) is typed here
@@ -69,6 +70,9 @@ class RunConfig:
         require(0 <= self.seed <= MAX_SEED, "seed", f"{self.seed} is outside 0..{MAX_SEED} (2**62; the seeds derived "
                                                    "from it must fit the 64-bit generators)")
         require(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")
+        from ..tracking import validate_tracking
+
+        validate_tracking(self.tracking)
         require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}", self.name)), "name",
                 f"{self.name!r}: use letters, digits, '.', '_' and '-' (no '/', it names the run folder)")
 
@@ -92,6 +96,8 @@ class RunConfig:
             del d["train"]["warmup_epochs"]
         if d["model"].get("cloud_width") is None:
             del d["model"]["cloud_width"]
+        if not d.get("tracking"):
+            del d["tracking"]
         return d
 
     def defense_label(self) -> str:
@@ -104,6 +110,7 @@ class RunConfig:
         value out or leaving it implicit gives the same id."""
         d = self.to_dict()
         d.pop("progress")
+        d.pop("tracking", None)   # where results are also logged does not change them
         # what changes the result, not how it is spelled: the device type ('auto' resolved) and the data
         # folder as resolved (relative, '..', trailing '/', root or its dataset sub-folder)
         d["device"] = resolved_device_type(self.device)
@@ -132,7 +139,7 @@ def canonical_data_root(data: DataConfig) -> str | None:
     from ..data.build import resolve_root
 
     if data.name in DATASETS and not DATASETS.get(data.name).needs_root:
-        return None
+        return DATASETS.get(data.name).fingerprint   # None, or the content hash of the user's in-memory data
     try:
         return str(resolve_root(data))
     except ConfigError:   # missing or does not exist (yet): the absolute spelling

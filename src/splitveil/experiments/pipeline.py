@@ -19,6 +19,7 @@ import json
 import logging
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +35,7 @@ from ..models import SplitModel, build_split_model
 from ..params import ConfigError
 from ..results.figures import save_recon_grid, score_note
 from ..results.records import BASELINE, AttackResult, EdgeCost, ImageScores, RunRecord, WorstCase, weak_attack_warnings
+from ..tracking import Trackers, build_trackers
 from ..training import Trainer
 from ..utils import atomic_torch_save, atomic_write_text, load_verified, resolve_device, restore_verified, seed_everything
 from ..version import __version__
@@ -190,9 +192,10 @@ def file_sha256(f: Path) -> str | None:
 
 
 def train(cfg: RunConfig, prep: Prepared, ckpt_path: Path | None = None, resume: bool = False,
-          run_id: str | None = None) -> Trained:
+          run_id: str | None = None, tracker: Trackers | None = None) -> Trained:
     """Stage 2: train under the defenses (resuming from ``ckpt_path`` when asked), then the test accuracy with the
-    defenses active as at inference, and the quality flags."""
+    defenses active as at inference, and the quality flags. ``tracker`` hears every epoch (those of a resumed
+    run's earlier sessions after training)."""
     # a checkpoint that does not match its recorded digest is never resumed: the previous one, or a fresh start
     resuming = bool(resume and ckpt_path is not None and restore_verified(ckpt_path))
     init = None
@@ -203,8 +206,12 @@ def train(cfg: RunConfig, prep: Prepared, ckpt_path: Path | None = None, resume:
                       ckpt_path=ckpt_path, show_progress=cfg.progress, augment=cfg.data.augment)
     if run_id is not None:
         trainer.run_id = run_id   # stored in checkpoint.pt and checked on resume
+    if tracker:
+        trainer.on_epoch = tracker.epoch
     t = time.perf_counter()
     history = trainer.fit(resume=resume)
+    if tracker:
+        tracker.history(history)
     train_s = time.perf_counter() - t
     accuracy = trainer.evaluate("test", cfg.eval.batch_size)
     log.info("test accuracy %.4f", accuracy)
@@ -362,12 +369,36 @@ def _resumed_attacks(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Ten
 
 def run_pipeline(cfg: RunConfig, run_id: str, run_dir: Path, resume: bool = False) -> RunRecord:
     """The stages in order, for one run in ``run_dir`` (checkpoints, finished attacks and the reconstruction grid
-    are kept there: an interrupted run resumes where it stopped)."""
+    are kept there: an interrupted run resumes where it stopped). ``cfg.tracking``'s trackers hear the run start,
+    every epoch, every attack and the final record."""
+    with tracking(cfg, run_id) as tracker:
+        rec = _run_stages(cfg, run_id, run_dir, resume, tracker)
+        tracker.run_end(rec.to_dict())
+    return rec
+
+
+@contextmanager
+def tracking(cfg: RunConfig, run_id: str):
+    """The trackers of ``cfg.tracking`` for one run (none: a no-op); closed with the run's status."""
+    tracker = build_trackers(cfg.tracking)
+    tracker.run_start(run_id, cfg.to_dict())
+    try:
+        yield tracker
+    except KeyboardInterrupt:
+        tracker.close("interrupted")
+        raise
+    except BaseException:
+        tracker.close("failed")
+        raise
+    tracker.close("finished")
+
+
+def _run_stages(cfg: RunConfig, run_id: str, run_dir: Path, resume: bool, tracker: Trackers) -> RunRecord:
     clock = StageTimer(run_dir, resume)   # per stage, cumulative over the sessions of a resumed run
     with clock.stage("data"):
         prep = prepare(cfg)
     with clock.stage("train"):
-        trained = train(cfg, prep, ckpt_path=run_dir / "checkpoint.pt", resume=resume, run_id=run_id)
+        trained = train(cfg, prep, ckpt_path=run_dir / "checkpoint.pt", resume=resume, run_id=run_id, tracker=tracker)
         diagnostics = prep.defenses.diagnostics(prep.model, prep.data, prep.device)  # e.g. CEM's feature scale on test
     for part, seconds in trained.trainer.seconds.items():   # the training stage by part
         clock.add(f"train_{part}", seconds)
@@ -382,6 +413,7 @@ def run_pipeline(cfg: RunConfig, run_id: str, run_dir: Path, resume: bool = Fals
         atomic_torch_save({"originals": x01, "recon": x_hat}, run_dir / f"recon_{name}.pt")
         partial[name] = result
         atomic_write_text(run_dir / "attacks.json", json.dumps(partial, indent=2))
+        tracker.attack(name, result)
 
     with clock.stage("attacks"):
         outcome = attack_all(cfg.attack_params(), edge, prep.data, prep.seeds, prep.device, show_progress=cfg.progress,

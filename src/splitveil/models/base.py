@@ -15,21 +15,28 @@ MODELS: Registry[Callable[..., "BlockModel"]] = Registry("model")
 
 
 class BlockModel(nn.Module):
-    """A classifier written as an ordered list of named blocks; any block boundary is a valid cut."""
+    """A classifier written as an ordered list of named blocks; any block boundary is a valid cut.
 
-    def __init__(self, blocks: list[tuple[str, nn.Module]], input_shape: tuple[int, int, int]):
+    ``names``: the blocks' names as shown and used by ``model.cut`` when they differ from the module keys (a
+    user's model cut at ``layer2.1``: a key cannot hold a dot); default: the keys."""
+
+    def __init__(self, blocks: list[tuple[str, nn.Module]], input_shape: tuple[int, int, int],
+                 names: list[str] | None = None):
         super().__init__()
         if len(blocks) < 2:
             raise ValueError("a split model needs at least two blocks")
         self.blocks = nn.Sequential(OrderedDict(blocks))
         self.input_shape = tuple(input_shape)
+        if names is not None and len(names) != len(blocks):
+            raise ValueError("BlockModel: one name per block")
+        self._names = list(names) if names is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)
 
     @property
     def block_names(self) -> list[str]:
-        return list(self.blocks._modules.keys())
+        return list(self._names) if self._names is not None else list(self.blocks._modules.keys())
 
     def cut_index(self, cut: int | str) -> int:
         """Number of blocks that run on the edge for ``cut`` (1-based index or the name of the last edge block)."""
@@ -53,7 +60,7 @@ class BlockModel(nn.Module):
         p = next(self.parameters())
         x = torch.zeros((1, *self.input_shape), device=p.device, dtype=p.dtype)
         out = []
-        for name, blk in self.blocks.named_children():
+        for name, blk in zip(self.block_names, self.blocks.children()):
             x = blk(x)
             out.append((name, tuple(x.shape[1:])))
         self.train(was)
@@ -99,7 +106,14 @@ class ModelConfig:
     #                                    keeps ``width``. Needs a bottleneck (its cloud-side conv restores the width)
 
     def validate(self) -> None:
-        require(self.name in MODELS, "name", f"unknown model '{self.name}'; registered: {', '.join(MODELS.names())}")
+        from ..references import is_reference
+
+        if is_reference(self.name):   # the user's own factory, "module:function": registered on first use
+            from .generic import ensure_user_model
+
+            ensure_user_model(self.name)
+        require(self.name in MODELS, "name", f"unknown model '{self.name}'; registered: {', '.join(MODELS.names())} "
+                                             "(or the user's factory as 'module:function')")
         require(self.width > 0, "width", "must be positive")
         require(self.bottleneck_channels is None or self.bottleneck_channels > 0, "bottleneck_channels",
                 "must be positive or null")
@@ -116,12 +130,18 @@ class ModelConfig:
 class SplitModel(nn.Module):
     """The deployed pair: ``encoder`` (edge) and ``decoder`` (cloud); ``feature_shape`` is what is sent."""
 
-    def __init__(self, backbone: BlockModel, cut: int | str, bottleneck_channels: int | None = None,
+    def __init__(self, backbone: BlockModel | nn.Module, cut: int | str, bottleneck_channels: int | None = None,
                  sigmoid: bool = False, bottleneck_norm: bool = True, bottleneck_act: str = "relu",
-                 cloud: BlockModel | None = None):
-        """``cloud``: the same architecture at another width, whose blocks after the cut form the decoder (the
-        edge's come from ``backbone``); needs ``bottleneck_channels``."""
+                 cloud: BlockModel | None = None, input_shape: tuple[int, int, int] | None = None):
+        """``backbone``: a ``BlockModel``, or any ``nn.Module`` (cut at its module boundaries, see
+        ``models/generic.py``; then ``input_shape`` is needed). ``cloud``: the same architecture at another width,
+        whose blocks after the cut form the decoder (the edge's come from ``backbone``); needs
+        ``bottleneck_channels``."""
         super().__init__()
+        if not isinstance(backbone, BlockModel):
+            from .generic import as_block_model
+
+            backbone = as_block_model(backbone, input_shape)
         k = backbone.cut_index(cut)
         named = list(backbone.blocks.named_children())
         shapes = backbone.block_shapes()
@@ -146,7 +166,11 @@ class SplitModel(nn.Module):
         self.encoder = nn.Sequential(OrderedDict(enc))
         self.decoder = nn.Sequential(OrderedDict(dec))
         self.cut_index = k
-        self.cut_name = named[k - 1][0]
+        self.cut_name = backbone.block_names[k - 1]
+        # the names of the encoder's and the decoder's children in order (block names, then the bottleneck's)
+        extra = [n for n, _ in enc[k:]]
+        self.edge_block_names = backbone.block_names[:k] + extra
+        self.cloud_block_names = [n for n, _ in dec[: len(dec) - len(cloud_named[k:])]] + backbone.block_names[k:]
         self.input_shape = backbone.input_shape
         self.block_names = backbone.block_names
         was = backbone.training  # the blocks are shared with ``backbone``: leave their mode as it was
@@ -180,9 +204,23 @@ def create_model(name: str, num_classes: int, input_shape: tuple[int, int, int],
         raise ConfigError(f"model.options: {e}") from None
 
 
-def split(model: BlockModel, cut: int | str, bottleneck_channels: int | None = None,
-          sigmoid: bool = False) -> tuple[nn.Sequential, nn.Sequential]:
-    """Cut ``model`` after ``cut`` blocks: returns (encoder, decoder) sharing the model's parameters."""
+def split(model: BlockModel | nn.Module, cut: int | str, bottleneck_channels: int | None = None,
+          sigmoid: bool = False, input_shape: tuple[int, int, int] | None = None) -> tuple[nn.Sequential, nn.Sequential]:
+    """Cut ``model`` after ``cut``: returns (encoder, decoder) sharing the model's parameters.
+
+    ``model``: a ``BlockModel`` (``cut``: number of edge blocks or the last edge block's name), or any
+    ``nn.Module`` (``cut``: a module's qualified name such as ``"layer2.1"``, or the number of valid cuts on the
+    edge; see ``models/generic.py``). ``input_shape`` (C, H, W) is needed for a bottleneck or a sigmoid on a
+    user's module."""
+    if not isinstance(model, BlockModel):
+        from .generic import TracedModel
+
+        traced = TracedModel(model, input_shape)
+        if bottleneck_channels is None and not sigmoid and input_shape is None:   # no dry run needed
+            k = traced.cut_index(cut)
+            blocks = list(traced.blocks.named_children())
+            return nn.Sequential(OrderedDict(blocks[:k])), nn.Sequential(OrderedDict(blocks[k:]))
+        model = traced
     sm = SplitModel(model, cut, bottleneck_channels, sigmoid)
     return sm.encoder, sm.decoder
 

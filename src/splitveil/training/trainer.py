@@ -78,6 +78,7 @@ class Trainer:
 
     run_id: str | None = None   # when set: stored in checkpoints, and a checkpoint of another run is refused
     on_epoch: Any = None        # when set: called as on_epoch(epoch, stats) after every epoch (tracking)
+    on_epoch: Any = None        # when set: called as on_epoch(epoch, stats) after every epoch (tracking)
 
     def __init__(self, model: SplitModel, defenses: DefenseStack, data: DataBundle, cfg: TrainConfig,
                  device: torch.device, seed: int = 0, ckpt_path: str | Path | None = None, show_progress: bool = True,
@@ -246,6 +247,8 @@ class Trainer:
             stats["lr"] = self.optimizer.param_groups[0]["lr"]
             self.history.append(stats)
             log.info("epoch %d: %s", self.epoch, {k: round(v, 4) for k, v in stats.items()})
+            if self.on_epoch is not None:
+                self.on_epoch(self.epoch, {k: v for k, v in stats.items() if k != "epoch"})
             if self.on_epoch is not None:
                 self.on_epoch(self.epoch, {k: v for k, v in stats.items() if k != "epoch"})
             if self.ckpt_path:
