@@ -379,9 +379,12 @@ def test_slot_cross_tokens_query_slots_and_is_permutation_invariant():
     k, _ = net.tokens(z)
     _, att = net.cross(k, y, slots)
     assert att.shape == (40, d.params.slots) and torch.allclose(att.sum(1), torch.ones(40), atol=1e-5)
-    # tanh gates at gate_init = 0.01: the refined tokens stay within a few percent of the plain tokens
-    rel = (refined - k).norm() / k.norm()
-    assert 0 < float(rel.detach()) < 0.05
+    # the tanh gates scale the cross-attention and the FFN: closed gates give back the plain tokens exactly
+    assert d.params.gate_init == 0.1 and float((refined - k).detach().norm()) > 0
+    with torch.no_grad():
+        net.alpha_attn.zero_()
+        net.alpha_ffn.zero_()
+    assert torch.equal(net.cross(k, y, slots)[0], k)
     # assignments: a distribution over the own class's slots, zero for other classes
     assert torch.allclose(r.sum((0, 1)), torch.ones(40), atol=1e-5)
     assert float(r[(y.unsqueeze(0) != torch.arange(4).unsqueeze(1)).unsqueeze(1).expand_as(r)].abs().sum()) == 0
@@ -408,13 +411,17 @@ def test_slot_cross_snr_gate_is_relative_to_the_noise_not_the_mean():
 def test_slot_cross_schedule_and_switches():
     z, y = torch.randn(16, 8) * 3, torch.tensor([0] * 15 + [1])    # class 1: one sample (class and SNR gates)
     d = make("cem_slot_cross", 2, 8, sigma=0.1, warmup_epochs=3, shutoff_epoch=5, shutoff_steps=100)
-    assert set(d.loss(step_of(z, y, epoch=2))) == {"fit"}               # warm-up: the surrogate still fits
-    assert float(d.loss(step_of(z, y, epoch=3, step=99))["L_C"]) == 0.0  # early shut-off: first 100 steps
-    assert float(d.loss(step_of(z, y, epoch=3, step=100))["L_C"]) > 0
-    assert "L_C" not in d.loss(step_of(z, y, epoch=5))
+    assert set(d.loss(step_of(z, y, epoch=2, step=10))) == {"fit"}      # warm-up: the surrogate still fits
+    # early shut-off: the first 100 steps from the first active step (here 250), not from step 0
+    assert float(d.loss(step_of(z, y, epoch=3, step=250))["L_C"]) == 0.0
+    assert float(d.loss(step_of(z, y, epoch=3, step=349))["L_C"]) == 0.0
+    assert float(d.loss(step_of(z, y, epoch=3, step=350))["L_C"]) > 0
+    assert d.info()["first_active_step"] == 250 and d.info()["shutoff_until_step"] == 350
+    assert "L_C" not in d.loss(step_of(z, y, epoch=5, step=600))
     with torch.no_grad():
         d.surrogate_net.alpha_attn.fill_(3.0)                            # gates widely open: off
     assert float(d.loss(step_of(z, y, epoch=3, step=500))["L_C"]) == 0.0
+    assert d.info()["gate_open_steps"] == 1
     def value(**params):
         torch.manual_seed(0)
         return float(make("cem_slot_cross", 2, 8, sigma=0.1, **params).loss(step_of(z, y))["L_C"])
@@ -425,6 +432,110 @@ def test_slot_cross_schedule_and_switches():
                          ({"class_gate": False, "snr_gate": False}, {"snr_gate": False})]:
         v, b = value(**switch), value(**base)
         assert v > 0 and math.isfinite(v) and abs(v - b) > 1e-4 * b, (switch, v, b)
+
+
+def _tiny_trainer(defense_spec, epochs, ckpt):
+    from splitveil import DataConfig, ModelConfig, TrainConfig, Trainer, build_data, build_split_model
+    data = build_data(DataConfig(name="digits", train_size=256, test_size=64, aux_size=64), seed=0)
+    torch.manual_seed(0)
+    model = build_split_model(ModelConfig(name="vgg11_bn", cut=1, width=0.125), data.num_classes, data.image_shape)
+    stack = build_defenses(defense_spec)
+    cfg = TrainConfig(epochs=epochs, batch_size=64, optimizer="sgd", lr=0.05, schedule="none", precision="fp32")
+    return Trainer(model, stack, data, cfg, torch.device("cpu"), ckpt_path=ckpt, show_progress=False), stack
+
+
+def test_slot_cross_early_shutoff_counts_from_the_first_active_step_in_a_real_trainer(tmp_path):
+    """Through the Trainer's own step and epoch counters (4 steps per epoch): warm-up 2 epochs, so the term is
+    first active at step 8; the shut-off mutes steps 8-13 and the term is on from step 14, also across a resume
+    from the checkpoint written after epoch 3 (a shut-off counted from step 0 would be over before step 8)."""
+    spec = {"name": ["gaussian_noise", "cem_slot_cross"], "sigma": 0.05,
+            "cem_slot_cross": {"warmup_epochs": 2, "shutoff_steps": 6, "lambda_schedule": "constant"}}
+    seen = []
+
+    def spy(d):
+        orig = d.loss
+
+        def loss(step):
+            out = orig(step)
+            seen.append((step.epoch, step.step, float(out["L_C"]) if "L_C" in out else None))
+            return out
+        d.loss = loss
+
+    ckpt = tmp_path / "ckpt.pt"
+    trainer, stack = _tiny_trainer(spec, 3, ckpt)
+    spy(stack.get("cem_slot_cross"))
+    trainer.fit()
+    trainer, stack = _tiny_trainer(spec, 5, ckpt)        # resume: epochs 4 and 5
+    d = stack.get("cem_slot_cross")
+    spy(d)
+    trainer.fit(resume=True)
+    assert [s for _, s, _ in seen] == list(range(20))
+    assert all(v is None for e, _, v in seen if e < 2)                  # warm-up: no term
+    assert all(v == 0.0 for _, s, v in seen if 8 <= s < 14)             # shut-off: 6 active steps
+    assert all(v is not None and v > 0 for _, s, v in seen if s >= 14)
+    info = d.info()
+    assert (info["first_active_step"], info["shutoff_until_step"]) == (8, 14)
+    assert [h["epoch"] for h in info["tanh_alpha_per_epoch"]] == [4, 5]   # after the resume
+    assert info["tanh_alpha_init"] == pytest.approx(math.tanh(0.1))
+    assert info["tanh_alpha_attn_end"] == pytest.approx(float(torch.tanh(d.surrogate_net.alpha_attn)))
+
+
+def test_slot_attention_softmax_is_over_the_slots():
+    """Slot Attention's competition: each token's attention is a distribution over the slots (softmax over
+    slots), zero outside its class; a softmax over the tokens would give each slot a distribution instead."""
+    torch.manual_seed(0)
+    d = make("cem_slot_cross", 3, 12, sigma=0.1)
+    z, y = torch.randn(30, 12), torch.arange(30) % 3
+    mask = class_masks(y, 3)
+    k, v = d.surrogate_net.tokens(z)
+    _, attn = d.surrogate_net.slot_attention(k, v, mask, return_attn=True)
+    assert attn.shape == (3, d.params.slots, 30)
+    assert torch.allclose(attn.sum(1), mask, atol=1e-5)
+    assert not torch.allclose(attn.sum(2), torch.ones(3, d.params.slots), atol=1e-2)
+
+
+def test_slot_cross_assignments_come_from_the_cross_attention_output():
+    """r_ms = softmax_s(beta cos(y_m, slot_s)) with y_m the gated cross-attention's output: changing the
+    cross-attention's output projection changes the assignments, and r equals that formula on the refined tokens."""
+    torch.manual_seed(0)
+    d = make("cem_slot_cross", 2, 12, sigma=0.1)
+    net = d.surrogate_net
+    z, y = torch.randn(24, 12), torch.arange(24) % 2
+    mask = class_masks(y, 2)
+    with torch.no_grad():
+        net.alpha_attn.fill_(1.0)
+        r, slots, refined = net(z, y, mask)
+        sim = (nn.functional.normalize(refined, dim=-1).unsqueeze(1)
+               * nn.functional.normalize(slots, dim=-1)[y]).sum(-1)
+        expect = torch.softmax(d.params.beta * sim, dim=1).t().unsqueeze(0) * mask.unsqueeze(1)
+        assert torch.allclose(r, expect, atol=1e-6)
+        net.xo.weight.mul_(-3.0)
+        r2, slots2, _ = net(z, y, mask)
+    assert torch.equal(slots, slots2)                                   # the slots do not see xo
+    assert float((r2 - r).abs().max()) > 1e-2
+
+
+def test_slot_cross_dim_gate_receives_the_reversed_penalty_gradient():
+    """In the default ``fit`` mode the per-dim gate maximises the penalty (its gradient is exactly minus the
+    plain one) while the encoder's features receive the plain gradient."""
+    torch.manual_seed(0)
+    d = make("cem_slot_cross", 2, 8, sigma=0.05, lambda_schedule="constant", fit_weight=0.0, **{"lambda": 1.0})
+    z, y = (0.5 * torch.randn(32, 8)).requires_grad_(True), torch.arange(32) % 2
+    d.loss(step_of(z, y))["L_C"].backward()
+    gate = dict(d.surrogate_net.gate_mlp.named_parameters())
+    got = {n: p.grad.clone() for n, p in gate.items()}
+    z_grad = z.grad.clone()
+    d.zero_grad()
+    zz = z.detach().clone().requires_grad_(True)
+    mask = class_masks(y, 2)
+    r, _, _ = d.surrogate_net(zz.detach(), y, mask)
+    plain, _ = d.penalty(zz, y, r.detach(), mask, reverse_gate=False)
+    plain.backward()
+    assert float(plain) > 0
+    for n, p in gate.items():
+        assert float(p.grad.abs().sum()) > 0, n
+        assert torch.allclose(got[n], -p.grad, atol=1e-7), n
+    assert torch.allclose(z_grad, zz.grad, atol=1e-6)
 
 
 def test_gated_pool_attention_maximises_the_term():
@@ -449,6 +560,49 @@ def test_gated_pool_attention_maximises_the_term():
     x = torch.ones(3, requires_grad=True)
     (grad_reverse(x) * 2).sum().backward()
     assert x.grad.tolist() == [-2.0, -2.0, -2.0]
+
+
+def test_gated_pool_loss_term_by_term_against_the_slides():
+    """The slides' gated attention pooling, computed by hand in float64 with the module's own weights:
+    a_m = softmax_m(w^T [tanh(V x_m) * sigmoid(U x_m)]) over the class's samples (x_m = LayerNorm(z_m) for the
+    scores), mu = sum a_m z_m, var = sum a_m (z_m - mu)^2 per dimension, L_c = mean_d max(0, log(var_d + gamma)
+    - log tau), tau = var_threshold * sigma^2 + gamma, L_C = mean over the classes present, weighted by lambda.
+    The spreads straddle tau, so a swapped sign, a dropped hinge, gamma, mu or the square of sigma all change it."""
+    torch.manual_seed(0)
+    sigma, vt, gamma, lam = 0.4, 0.125, 0.01, 3.0
+    d = make("cem_gated_pool", 3, 6, sigma=sigma, var_threshold=vt, gamma=gamma, lambda_schedule="constant",
+             **{"lambda": lam})
+    with torch.no_grad():
+        for prm in d.pool.parameters():
+            prm.add_(0.3 * torch.randn_like(prm))         # non-trivial LayerNorm affine and biases
+    y = torch.tensor([0] * 7 + [2] * 5)                # class 1 absent: not averaged in
+    spread = torch.tensor([0.02, 0.05, 0.1, 0.2, 0.4, 0.8])
+    z = 1.0 + spread * torch.randn(12, 6)
+    got = float(d.loss(step_of(z, y))["L_C"])
+
+    pool, z64 = d.pool.double(), z.double()
+    tau = vt * sigma ** 2 + gamma
+    terms = []
+    for c in (0, 2):
+        zc = z64[y == c]
+        x = nn.functional.layer_norm(zc, (6,), pool.norm.weight, pool.norm.bias, pool.norm.eps)
+        e = pool.w(torch.tanh(pool.V(x)) * torch.sigmoid(pool.U(x))).squeeze(-1)
+        a = torch.exp(e - e.max()) / torch.exp(e - e.max()).sum()
+        mu = (a.unsqueeze(1) * zc).sum(0)
+        var = (a.unsqueeze(1) * (zc - mu) ** 2).sum(0)
+        hinge = torch.clamp(torch.log(var + gamma) - math.log(tau), min=0)
+        assert 0 < int((hinge > 0).sum()) < 6            # some dimensions above tau, some below
+        terms.append(float(hinge.mean()))
+    assert got == pytest.approx(lam * sum(terms) / 2, rel=1e-5)
+
+
+def test_gated_pool_warmup_is_five_epochs():
+    d = make("cem_gated_pool", 2, 4, sigma=0.1, warmup_epochs=5)
+    z, y = torch.randn(16, 4), torch.arange(16) % 2
+    assert build_defenses({"name": ["gaussian_noise", "cem_gated_pool"], "sigma": 0.1}).get(
+        "cem_gated_pool").params.warmup_epochs == 5
+    assert all(d.loss(step_of(z, y, epoch=e)) == {} for e in range(5))   # no term, no surrogate work
+    assert float(d.loss(step_of(z, y, epoch=5))["L_C"]) > 0
 
 
 # -- contraction, not shrinking -------------------------------------------------------------------------------

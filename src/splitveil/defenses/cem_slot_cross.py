@@ -3,13 +3,15 @@
 Tokens: every sample is one token, its flat features LayerNormed and projected to ``slot_dim`` (keys k_m and
 values v_m). Per class c of the batch, Slot Attention (Locatello et al. 2020) aggregates the class's tokens into
 S slots over T iterations (softmax over slots, weighted mean over tokens, GRU + MLP update, logit scale
-``temperature``, default slot_dim^-1/2); all classes run in one batched pass with class masks, from a learned
-per-slot initialisation (deterministic, so the module is permutation invariant over the batch).
+``temperature``, default slot_dim^-1/2 on q.k, i.e. the slides' slot_dim^-1/4 on each of q and k); all classes run
+in one batched pass with class masks, from a learned per-slot initialisation (``slot_init: learned``, default:
+deterministic, so the module is permutation invariant over the batch) or, as the slides, slots sampled from a
+learned mean and std (``slot_init: sampled``: mu + sigma * eps, eps ~ N(0, I) from the global generator).
 
 Gated cross-attention (Flamingo), as the slides: the *tokens are the queries* and their class's slots the
 keys/values,
     q_m = k_m;   y_m = q_m + tanh(alpha_attn) CrossAttn(LN(q_m), slots_c);   y_m = y_m + tanh(alpha_ffn) FFN(LN(y_m)),
-alpha_* initialised at ``gate_init`` (near 0). y_m is token m's attention-weighted reconstruction from the slots.
+alpha_* initialised at ``gate_init`` (0.1, the slides). y_m is token m's attention-weighted reconstruction from the slots.
 Assignments r_ms = softmax_s(beta cos(y_m, slot_s)) (beta 20: sharp enough that the slot variances match the
 within-cluster variance) give per-slot masses, raw-feature means mu_s and per-dimension variances var_s
 (float32, two passes). The loss of class c is
@@ -22,9 +24,13 @@ and L_C = sum_c g_class(c) L_c / #present classes, tau = var_threshold sigma^2 +
     (``mass_renorm``; the slides' power 2.5);
   - class gate    g_class = sigmoid(class_a (M_c / B - class_b)), down-weighting classes with very few samples.
 The SNR, mass and class gates are computed from detached statistics. Schedule (each switchable): warm-up
-``warmup_epochs`` (slides: 3), early shut-off ``shutoff_steps`` (no loss during the first 100 training steps),
-``shutoff_gate_open`` (no loss while |tanh(alpha_attn)| exceeds it: the gates are widely open), ``shutoff_epoch``
-(off from that epoch). Variance clipping (``var_min``, ``var_max``); the non-finite guard is cem_common's.
+``warmup_epochs`` (slides: 3), early shut-off ``shutoff_steps`` (no loss during the first 100 steps *counted from
+the first step at which the term is active*, i.e. the first step after the warm-up; the step is kept in the
+checkpoint), ``shutoff_gate_open`` (no loss while |tanh(alpha_attn)| exceeds it: the gates are widely open),
+``shutoff_epoch`` (off from that epoch). Variance clipping (``var_min``, ``var_max``; var_min also plays the slides'
++eps of the SNR gate); the non-finite guard is cem_common's. ``info()`` records, for metrics.json, the first active
+step, the first step with a nonzero factor, the number of steps muted by the open-gate rule, and tanh(alpha_attn),
+tanh(alpha_ffn) at initialisation and after each epoch.
 
 How the surrogate's own parameters are trained (``surrogate_update``): with ``fit`` (default) the slot and
 cross-attention modules see detached features and are trained on a fitting term only, ``fit_weight`` * the soft
@@ -57,7 +63,8 @@ class CEMSlotCrossParams(CEMParams):
     heads: int = 4                    # cross-attention heads
     temperature: float | None = None  # slot attention logit scale; null: slot_dim^-1/2
     beta: float = 20.0                # assignment sharpness on cosine similarity
-    gate_init: float = 0.01           # initial alpha of the tanh gates
+    gate_init: float = 0.1            # initial alpha of the tanh gates (the slides: 0.1)
+    slot_init: Literal["learned", "sampled"] = "learned"  # per-slot learned init, or mu + sigma * eps (slides)
     sharpness: float = 5.0            # beta' of the softplus margin
     margin: float = 0.0               # m in log var - log tau - m
     var_min: float = 1e-6             # variance clipping
@@ -73,7 +80,7 @@ class CEMSlotCrossParams(CEMParams):
     class_gate: bool = True
     class_a: float = 50.0
     class_b: float = 0.02
-    shutoff_steps: int = 100          # early shut-off: no loss during the first n training steps (0: none)
+    shutoff_steps: int = 100          # early shut-off: no loss during the first n active steps (after the warm-up; 0: none)
     shutoff_gate_open: float | None = 0.9  # no loss while |tanh(alpha_attn)| > this; null: never
     shutoff_epoch: int | None = None  # off from this epoch on; null: never
     surrogate_update: Literal["fit", "joint"] = "fit"
@@ -89,6 +96,7 @@ class CEMSlotCrossParams(CEMParams):
         require(self.sharpness > 0, "sharpness", "must be positive")
         require(self.temperature is None or self.temperature > 0, "temperature", "must be positive or null")
         require(self.fit_weight >= 0, "fit_weight", "must be >= 0")
+        require(self.slot_init in ("learned", "sampled"), "slot_init", "must be 'learned' or 'sampled'")
         require(self.mass_power >= 0, "mass_power", "must be >= 0")
         require(self.shutoff_steps >= 0, "shutoff_steps", "must be >= 0")
         require(self.shutoff_gate_open is None or 0 < self.shutoff_gate_open <= 1, "shutoff_gate_open",
@@ -106,7 +114,11 @@ class SlotCrossSurrogate(nn.Module):
         self.norm_in = nn.LayerNorm(dim)
         self.to_k = nn.Linear(dim, sd)
         self.to_v = nn.Linear(dim, sd)
-        self.slots_init = nn.Parameter(torch.randn(p.slots, sd) * sd ** -0.5)
+        if p.slot_init == "sampled":    # Locatello et al.: one learned mean and std, each slot drawn from them
+            self.slots_mu = nn.Parameter(torch.randn(1, sd) * sd ** -0.5)
+            self.slots_log_sigma = nn.Parameter(torch.full((1, sd), math.log(sd ** -0.5)))
+        else:
+            self.slots_init = nn.Parameter(torch.randn(p.slots, sd) * sd ** -0.5)
         self.norm_slots = nn.LayerNorm(sd)
         self.to_q = nn.Linear(sd, sd, bias=False)
         self.gru = nn.GRUCell(sd, sd)
@@ -131,10 +143,17 @@ class SlotCrossSurrogate(nn.Module):
         x = self.norm_in(z)
         return self.to_k(x), self.to_v(x)
 
-    def slot_attention(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Slots (C, S, sd) of each class (rows of ``mask`` (C, N))."""
+    def initial_slots(self, C: int, sd: int) -> torch.Tensor:
+        if self.p.slot_init == "sampled":
+            eps = torch.randn(C, self.p.slots, sd, device=self.slots_mu.device, dtype=self.slots_mu.dtype)
+            return self.slots_mu + self.slots_log_sigma.exp() * eps
+        return self.slots_init.unsqueeze(0).expand(C, self.p.slots, sd)
+
+    def slot_attention(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, return_attn: bool = False):
+        """Slots (C, S, sd) of each class (rows of ``mask`` (C, N)); with ``return_attn`` also the last
+        iteration's attention (C, S, N) (softmax over the slots, zero outside the class)."""
         C, S, sd = mask.shape[0], self.p.slots, k.shape[1]
-        slots = self.slots_init.unsqueeze(0).expand(C, S, sd)
+        slots = self.initial_slots(C, sd)
         for _ in range(self.p.iters):
             prev = slots
             q = self.to_q(self.norm_slots(slots))
@@ -142,7 +161,7 @@ class SlotCrossSurrogate(nn.Module):
             w = attn / attn.sum(-1, keepdim=True).clamp_min(1e-8)                          # mean over tokens
             slots = self.gru((w @ v).reshape(-1, sd), prev.reshape(-1, sd)).view(C, S, sd)
             slots = slots + self.mlp(self.norm_mlp(slots))
-        return slots
+        return (slots, attn) if return_attn else slots
 
     def cross(self, q: torch.Tensor, y: torch.Tensor, slots: torch.Tensor):
         """Gated cross-attention: token m (query) attends to its own class's slots. q (N, sd), y (N,) labels,
@@ -181,13 +200,55 @@ class CEMSlotCross(CEMDefense):
     Params = CEMSlotCrossParams
     trains_during_warmup = True
 
+    def __init__(self, params=None, **param_values):
+        super().__init__(params, **param_values)
+        # the global step at which the term was first active (-1: not yet); in the checkpoint, so a resumed run
+        # keeps counting the early shut-off from the same step
+        self.register_buffer("first_active_step", torch.full((), -1, dtype=torch.long))
+        self._first_active: int | None = None
+        # steps at which the term was active but muted because the gates were widely open (device counter)
+        self.register_buffer("gate_open_steps", torch.zeros((), dtype=torch.long), persistent=False)
+        self.alpha_history: list[dict[str, float]] = []   # tanh of the gates after each epoch (run diagnostics)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the shut-off counted from the first active step have no such entry
+        state_dict.setdefault(prefix + "first_active_step", torch.full((), -1, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def allocate(self, num_classes: int, dim: int, device: torch.device | str = "cpu") -> None:
         super().allocate(num_classes, dim, device)
         self.surrogate_net = SlotCrossSurrogate(dim, self.params).to(device)
 
+    def gates(self) -> dict[str, float]:
+        """tanh(alpha_attn), tanh(alpha_ffn) now (reads the device: between epochs only)."""
+        net = self.surrogate_net
+        return {"attn": float(torch.tanh(net.alpha_attn.detach())), "ffn": float(torch.tanh(net.alpha_ffn.detach()))}
+
+    def on_epoch_start(self, ctx, epoch: int) -> None:
+        super().on_epoch_start(ctx, epoch)
+        first = int(self.first_active_step)          # between epochs: a resumed run reads it back here
+        self._first_active = first if first >= 0 else None
+
+    def on_epoch_end(self, ctx, epoch: int) -> None:
+        super().on_epoch_end(ctx, epoch)
+        self.alpha_history.append({"epoch": epoch + 1, **{f"tanh_alpha_{k}": v for k, v in self.gates().items()}})
+
     def active(self, epoch: int) -> bool:
         off = self.params.shutoff_epoch is not None and epoch >= self.params.shutoff_epoch
         return super().active(epoch) and not off
+
+    def info(self) -> dict:
+        out = super().info()
+        p = self.params
+        first = int(self.first_active_step)
+        out["first_active_step"] = first if first >= 0 else None
+        out["shutoff_until_step"] = first + p.shutoff_steps if first >= 0 else None   # first step with the term on
+        out["gate_open_steps"] = int(self.gate_open_steps)
+        out["tanh_alpha_init"] = math.tanh(p.gate_init)
+        if hasattr(self, "surrogate_net"):
+            out.update({f"tanh_alpha_{k}_end": v for k, v in self.gates().items()})
+        out["tanh_alpha_per_epoch"] = list(self.alpha_history)
+        return out
 
     def penalty(self, z: torch.Tensor, y: torch.Tensor, r: torch.Tensor, mask: torch.Tensor, reverse_gate: bool):
         """L_C from raw features z (N, D) and assignments r (C, S, N); also returns the statistics."""
@@ -220,12 +281,17 @@ class CEMSlotCross(CEMDefense):
         return l_c, {"mass": mass, "mean": mu, "var": var}
 
     def schedule_factor(self, step: int) -> torch.Tensor | float:
-        """1, or 0 during the early shut-off (first steps; gates widely open). A device scalar, no host sync."""
+        """1, or 0 during the early shut-off: the first ``shutoff_steps`` steps from the first active step, and
+        while the gates are widely open. Called at active steps only; a device scalar, no host sync."""
         p = self.params
-        if step < p.shutoff_steps:
+        if self._first_active is None:                # the first step at which the term is active
+            self._first_active = step
+            self.first_active_step.fill_(step)
+        if step - self._first_active < p.shutoff_steps:
             return 0.0
         if p.shutoff_gate_open is not None:
             open_ = torch.tanh(self.surrogate_net.alpha_attn.detach()).abs() > p.shutoff_gate_open
+            self.gate_open_steps += open_.long()
             return (~open_).float()
         return 1.0
 
@@ -237,7 +303,7 @@ class CEMSlotCross(CEMDefense):
         p = self.params
         z = flat(z)
         mask = class_masks(y, self.num_classes, z.dtype)
-        factor = self.schedule_factor(getattr(self, "_step", 1 << 30))
+        factor = self.schedule_factor(getattr(self, "_step", 1 << 30)) if self.active(epoch) else 0.0
         if p.surrogate_update == "joint":
             r, _, _ = self.surrogate_net(z, y, mask)
             l_c, _ = self.penalty(z, y, r, mask, reverse_gate=False)
