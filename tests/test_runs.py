@@ -64,7 +64,7 @@ def test_end_to_end_privacy_signal_and_records(tmp_path, data_root):
     clean = run_experiment(tiny_config(**base), tmp_path)
     noisy = run_experiment(tiny_config(**base, **{"defense.name": "gaussian_noise", "defense.sigma": 3.0}), tmp_path)
     c, n = clean["attacks"]["inverse_network"], noisy["attacks"]["inverse_network"]
-    assert clean["accuracy"] > 0.6 and clean["flags"] == []
+    assert clean["accuracy"] > 0.6 and "chance_accuracy" not in clean["flags"]   # (its 6-epoch attack may be unconverged)
     assert c["mse"] < 0.35 * clean["baseline"]["mean_image"]["mse"]
     assert n["mse"] > 2 * c["mse"]
     for m in (clean, noisy):

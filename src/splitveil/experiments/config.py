@@ -28,9 +28,13 @@ class EvalConfig:
     latency_batch: int = 32
     latency_repeats: int = 10
     batch_size: int = 256
+    # test accuracy is the mean over this many passes of the whole test split through the defended pipeline;
+    # null: 5 when the defenses draw randomness at inference (noise, dropout), else 1 (DESIGN.md 4)
+    accuracy_draws: int | None = None
 
     def validate(self) -> None:
         require(self.recon_images >= 1, "recon_images", "must be >= 1")
+        require(self.accuracy_draws is None or self.accuracy_draws >= 1, "accuracy_draws", "must be >= 1 or null")
         require(self.latency_repeats >= 1, "latency_repeats", "must be >= 1")
         require(self.latency_batch >= 1, "latency_batch", "must be >= 1 (images per timed forward pass)")
         require(self.batch_size >= 1, "batch_size", "must be >= 1 (images per evaluation batch)")
@@ -94,6 +98,8 @@ class RunConfig:
             del d["train"]["init_from"]
         if not d["train"].get("warmup_epochs"):
             del d["train"]["warmup_epochs"]
+        if d["eval"].get("accuracy_draws") is None:
+            del d["eval"]["accuracy_draws"]
         if d["model"].get("cloud_width") is None:
             del d["model"]["cloud_width"]
         if not d.get("tracking"):

@@ -138,6 +138,8 @@ class Trained:
     flags: list[str]
     train_s: float
     init_from: dict[str, str | None] | None = None    # train.init_from: {path, sha256} of the warm start
+    accuracy_std: float = 0.0       # over the passes of the test split (noise draws)
+    accuracy_draws: int = 1
 
 
 def chance_accuracy(labels: torch.Tensor, num_classes: int) -> float:
@@ -213,13 +215,31 @@ def train(cfg: RunConfig, prep: Prepared, ckpt_path: Path | None = None, resume:
     if tracker:
         tracker.history(history)
     train_s = time.perf_counter() - t
-    accuracy = trainer.evaluate("test", cfg.eval.batch_size)
-    log.info("test accuracy %.4f", accuracy)
+    accuracy, accuracy_std, draws = test_accuracy(trainer, cfg.eval.accuracy_draws, cfg.eval.batch_size)
+    log.info("test accuracy %.4f (mean of %d pass(es) over the test split, std %.4f)", accuracy, draws, accuracy_std)
     flags = quality_flags(accuracy, prep.data)
     if flags:
         log.warning("test accuracy %.4f is at chance level: the model learned nothing (check train.lr and "
                     "train.epochs); its privacy numbers are meaningless", accuracy)
-    return Trained(trainer, history, accuracy, flags, train_s, init)
+    return Trained(trainer, history, accuracy, flags, train_s, init, accuracy_std, draws)
+
+
+@torch.no_grad()
+def draws_at_inference(trainer: Trainer) -> bool:
+    """Whether the defenses draw randomness at inference (noise, dropout masks): the same features sent twice
+    through them differ. Asked of the behaviour, not of the defenses' names, so a plug-in is judged alike."""
+    z = torch.rand(2, *trainer.model.feature_shape, device=trainer.device)
+    return not torch.equal(trainer.defenses.transform(z.clone(), training=False),
+                           trainer.defenses.transform(z.clone(), training=False))
+
+
+def test_accuracy(trainer: Trainer, draws: int | None, batch_size: int) -> tuple[float, float, int]:
+    """(mean, population std, number of passes) of the top-1 accuracy over ``draws`` passes of the whole test
+    split (``eval.accuracy_draws``; None: 5 when the defenses draw randomness at inference, else 1)."""
+    n = draws if draws is not None else (5 if draws_at_inference(trainer) else 1)
+    accs = [trainer.evaluate("test", batch_size) for _ in range(n)]
+    mean = sum(accs) / n
+    return mean, (sum((a - mean) ** 2 for a in accs) / n) ** 0.5, n
 
 
 # -- stage 3: the edge -----------------------------------------------------------------------------------------
@@ -340,7 +360,8 @@ def record(cfg: RunConfig, run_id: str, prep: Prepared, trained: Trained, diagno
         history=trained.history, sizes={"train": len(data.train), "test": len(data.test), "aux": len(data.aux)},
         timings=timings, versions=versions(), device=str(prep.device), threads=torch.get_num_threads(),
         precision=trained.trainer.amp.info(),   # resolved train.precision / train.channels_last
-        extra={"init_from": trained.init_from} if trained.init_from else {})
+        extra={"accuracy_std": trained.accuracy_std, "accuracy_draws": trained.accuracy_draws,
+               **({"init_from": trained.init_from} if trained.init_from else {})})
 
 
 # -- the whole run ---------------------------------------------------------------------------------------------
