@@ -142,7 +142,7 @@ def test_equal_utility_report_tables_figures_and_controls(tmp_path):
         # exact up to averaging MSE over seeds of slightly different accuracy (log of a mean, not a mean of logs)
         assert float(r["gain"]) == pytest.approx(0.3, abs=1e-3)
         assert float(r["ci_low"]) <= 0.3 <= float(r["ci_high"])
-        assert r["ci_method"] == "seeds + images (normal approx.)"
+        assert r["ci_method"].startswith("t, ") and r["ci_kept"] == ""      # t over seeds: nothing dropped
         assert float(r["cem.snr"]) in (12.0, 11.0, 10.0)
     hi = [r for r in rows.values() if r["where"] == "above"]
     assert sorted(r["defense"] for r in hi) == ["gaussian_noise+cem_gmm", "none"]
@@ -176,16 +176,18 @@ def test_tradeoff_figure_has_frontier_band_markers_and_reference_lines(tmp_path)
     sec = rep.sections[0]
     fig, _ = tradeoff_figure(sec.groups, "worst", analyses=sec.analyses, baseline_mse=0.06, undefended_acc=0.93)
     ax = fig.axes[0]
-    labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert "gaussian_noise frontier (monotone fit)" in labels and "95% bootstrap band" in labels
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]     # the compact key above the axes
+    assert "reference frontier, 95% t band" in labels and "Pareto front" in labels
     assert "mean-image baseline MSE" in labels and "undefended accuracy" in labels
+    assert [l.get_label() for l in ax.get_lines()].count("gaussian_noise frontier (monotone fit)") == 1
     # one marker per parameter value within a defense (colour is not the only cue)
     cem_markers = {line.get_marker() for c in ax.containers for line in [c.lines[0]]
                    if c.get_label().startswith("gaussian_noise+cem_gmm")}
     assert len(cem_markers) == 4
     assert ax.get_xscale() == "log" and ax.xaxis.label.get_fontsize() >= 8
-    # each CEM point inside the noise range carries its gain (+0.30), the out-of-range one none
-    assert sorted(t.get_text() for t in ax.texts) == ["+0.30", "+0.30", "+0.30"]
+    # each CEM point inside the noise range carries its gain (+0.30) beside its lambda, the out-of-range one none
+    gains = sorted(t.get_text() for t in ax.texts if t.get_text().startswith("λ="))
+    assert gains == ["λ=0.5", "λ=1 +0.30", "λ=16 +0.30", "λ=4 +0.30"]
     frontier = next(l for l in ax.get_lines() if l.get_label().endswith("frontier (monotone fit)"))
     assert np.allclose(np.log(frontier.get_xdata()), [ref_log_mse(a) for a in frontier.get_ydata()])
     from splitveil.report.figures import pyplot

@@ -45,30 +45,33 @@ def progress(iterable: Iterable | None = None, enabled: bool = True, **kw: Any):
     # only on a terminal: redirected to a file or a pipe, a bar is a stream of '\r' lines (logs say more)
     interactive = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
     if interactive and "ncols" not in kw:
-        cols = terminal_columns(sys.stderr)
+        cols, rows = terminal_size(sys.stderr)
         if cols:
             kw.setdefault("dynamic_ncols", True)     # follows resizes
         else:   # a pty that reports 0 columns (`script`, some CI runners): a fixed width, not an empty line
             kw["dynamic_ncols"] = False
-            kw["ncols"] = fallback_columns()
+            kw["ncols"] = _env_size("COLUMNS", 80)
+        if not rows:   # tqdm hides every bar on a terminal of 0 lines
+            kw.setdefault("nrows", _env_size("LINES", 24))
     return tqdm(iterable, disable=not (enabled and interactive), **kw)
 
 
-def terminal_columns(stream) -> int:
-    """The width that ``stream``'s terminal reports (0 when it reports none or is no terminal)."""
+def terminal_size(stream) -> tuple[int, int]:
+    """(columns, lines) that ``stream``'s terminal reports; 0 for what it reports as 0 or when it is no terminal."""
     try:
-        return int(os.get_terminal_size(stream.fileno()).columns)
+        size = os.get_terminal_size(stream.fileno())
+        return int(size.columns), int(size.lines)
     except (AttributeError, ValueError, OSError):
-        return 0
+        return 0, 0
 
 
-def fallback_columns() -> int:
-    """``$COLUMNS`` when it is a positive number, else 80."""
+def _env_size(name: str, default: int) -> int:
+    """``$COLUMNS`` / ``$LINES`` when a positive number, else ``default``."""
     try:
-        cols = int(os.environ.get("COLUMNS", ""))
+        v = int(os.environ.get(name, ""))
     except ValueError:
-        cols = 0
-    return cols if cols > 0 else 80
+        v = 0
+    return v if v > 0 else default
 
 
 class DiskFullError(OSError):

@@ -17,7 +17,7 @@ from ..results.records import IMAGE_METRICS, EdgeCost
 from ..results.store import results_paths
 from .aggregate import IGNORED_FIELDS, Group, GroupedRun, attack_names, group_runs, load_runs, primary_attack, varying_fields
 from .equal_utility import WORST, GainAnalysis, analyse_groups, context_key, match_reference
-from .plots import ablation_fields, ablation_plot, cost_figure, recon_comparison, render, tradeoff_figure
+from .plots import ablation_fields, ablation_figure, cost_figure, recon_figure, render, tradeoff_figure
 from .results import flag_text
 from .tables import DEFAULT_COLUMNS, collect, columns, default_view, md_escape, to_csv, to_markdown
 
@@ -187,14 +187,16 @@ def build(results: str | Path, attack: str | None = None, figures: bool = True, 
                 png, pdf = render(fig)
                 sec.figures.append(Figure(f"cost_{_slug(ds)}.png", f"{ds}: {axis} MSE vs encoder cost", png, pdf))
             for fld in ablation_fields(gs):
-                png = ablation_plot(gs, fld, axis, f"{ds}: {fld}")
-                if png:
-                    sec.figures.append(Figure(f"ablation_{_slug(ds)}_{_slug(fld)}.png", f"{ds}: ablation of {fld}", png))
+                fig = ablation_figure(gs, fld, axis, f"{ds}: {fld}")
+                if fig is not None:
+                    png, pdf = render(fig)
+                    sec.figures.append(Figure(f"ablation_{_slug(ds)}_{_slug(fld)}.png", f"{ds}: ablation of {fld}", png, pdf))
             recon_attack = axis if axis != WORST else _most_common_worst(gs)
-            png = recon_comparison(gs, recon_attack, title=f"{ds}: {recon_attack} reconstructions per defense (lowest seed)") \
+            fig = recon_figure(gs, recon_attack, title=f"{ds}: {recon_attack} reconstructions per defense (lowest seed)") \
                 if recon_attack else None
-            if png:
-                sec.figures.append(Figure(f"recon_{_slug(ds)}.png", f"{ds}: reconstructions per defense", png))
+            if fig is not None:
+                png, pdf = render(fig)
+                sec.figures.append(Figure(f"recon_{_slug(ds)}.png", f"{ds}: reconstructions per defense", png, pdf))
         sections.append(sec)
     folder, _ = results_paths(results)
     full = ["accuracy"] + [f"worst.{m}" for m in IMAGE_METRICS] + \
