@@ -2,6 +2,7 @@
 lambda schedule against a literal two-backward update, the non-finite guard, float32 statistics, the config
 checks, the attention surrogates' design, and that every surrogate rewards contraction, not shrinking."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -753,3 +754,25 @@ def test_cem_composes_with_baselines(tmp_path, data_root):
         assert last[f"loss.{cem}.L_C"] >= 0 and m["defense_info"][cem]["nonfinite_skipped"] == 0
     if "nopeek" in BASELINES:
         assert any(k.startswith("loss.nopeek.") for k in last)
+
+
+def test_cem_reference_attacker_setting_and_the_paper_config():
+    """The reference's attacker as named attacks (inference-time, 8 blocks x 64 channels, batch 256, last epoch,
+    50 epochs; the GAN warm-started from such an inverse network), used by the Table-1 config (fp32 training)."""
+    from splitveil.attacks import ATTACKS
+    from splitveil.attacks.cem_reference import CEM_REFERENCE
+    from splitveil.experiments.config import load_config
+    from splitveil.params import coerce
+
+    inv = coerce(ATTACKS.get("inverse_network_cem").Params, {})
+    gan = coerce(ATTACKS.get("gan_cem").Params, {})
+    for k, v in CEM_REFERENCE.items():
+        assert getattr(inv, k) == v, k
+        if k != "epochs":
+            assert getattr(gan, k) == v, k
+    assert gan.init_epochs == 50 and gan.adv_weight > 0
+    assert (CEM_REFERENCE["mode"], CEM_REFERENCE["blocks"], CEM_REFERENCE["channels"], CEM_REFERENCE["batch_size"],
+            CEM_REFERENCE["select"]) == ("inference-time", 8, 64, 256, "last")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "cifar10_vgg11_cem_paper.yaml")
+    assert {"inverse_network_cem", "gan_cem"} <= set(cfg.attacks.names)
+    assert cfg.train.precision == "fp32" and cfg.data.root.endswith("shared/data")
