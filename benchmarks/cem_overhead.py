@@ -13,6 +13,8 @@ available. Target (issue 11): each variant at most 1.15x noise only per epoch, f
 
     nice -n 10 python benchmarks/cem_overhead.py                 # defaults: 5 rounds of 4 steps
     python benchmarks/cem_overhead.py --rounds 3 --steps 2 --devices cpu
+    OMP_NUM_THREADS=1 nice -n 15 python benchmarks/cem_overhead.py --devices cpu --threads 1 --rounds 7 \
+        --variants cem_slot_cross,cem_gated_pool --tag slot_1thread   # the slot surrogate at 1 thread
 
 Writes ``benchmarks/results/cem_overhead.csv`` and ``.md``.
 """
@@ -111,9 +113,18 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def load_average() -> str:
+    """The machine's load average (1, 5, 15 min) as ``uptime`` reports it, recorded beside the timings."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 def run(device: str, args) -> list[dict]:
     data = synthetic_data(args.batch * args.steps)
-    trainers = {k: build(v, data, device, args) for k, v in VARIANTS.items()}
+    names = ["noise only"] + [k for k in VARIANTS if k != "noise only" and (not args.variants or k in args.variants)]
+    trainers = {k: build(VARIANTS[k], data, device, args) for k in names}
     for tr in trainers.values():  # warm-up epoch: allocations, the GMM's first refit (its term is then on)
         timed_epoch(tr, device)
     steps: dict[str, list[float]] = {k: [] for k in trainers}
@@ -154,7 +165,15 @@ def main(argv=None):
     ap.add_argument("--devices", default="cpu,cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--variants", default="", help="comma-separated variants besides noise only (default: all): "
+                    + ", ".join(k for k in VARIANTS if k != "noise only"))
+    ap.add_argument("--tag", default="", help="suffix of the result files (cem_overhead_<tag>.csv/.md)")
     args = ap.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    load_before = load_average()
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
@@ -163,9 +182,11 @@ def main(argv=None):
             print("CUDA not available: skipped")
             continue
         rows += run(dev, args)
+    load_after = load_average()
+    stem = "cem_overhead" + (f"_{args.tag}" if args.tag else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "cem_overhead.csv", "w", newline="") as f:
+    with open(out / f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -176,8 +197,10 @@ def main(argv=None):
     note = (f"\nbatch {args.batch}, VGG11-BN x{args.width} cut conv2 + reference bottleneck (8 ch, no BN/ReLU) + "
             f"sigmoid, 3x32x32 inputs, sigma 0.025, lambda 16, median of {args.rounds} interleaved rounds of one "
             f"{args.steps}-step epoch; torch threads {torch.get_num_threads()}. epoch = steps + on_epoch_end (cem_gmm: "
-            "the full refit on the epoch's training images).\n")
-    (out / "cem_overhead.md").write_text("\n".join(lines) + "\n" + note)
+            "the full refit on the epoch's training images).\n"
+            f"Load average (1/5/15 min, /proc/loadavg as uptime shows it): {load_before} before, {load_after} after; "
+            f"measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n" + note)
     print("\n".join(lines) + note)
 
 
