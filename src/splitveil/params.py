@@ -123,8 +123,9 @@ def coerce(cls: type, data: Mapping[str, Any] | None, path: str = "") -> Any:
     unknown = [k for k in data if k not in fields]
     if unknown:
         where = f"{path}." if path else ""
+        valid = sorted(n[:-1] if n.endswith("_") and keyword.iskeyword(n[:-1]) else n for n in fields)
         raise ConfigError(
-            f"unknown field '{where}{unknown[0]}'; valid fields: {', '.join(sorted(fields))}"
+            f"unknown field '{where}{unknown[0]}'{did_you_mean(unknown[0], valid)}; valid fields: {', '.join(valid)}"
         )
     kwargs = {}
     for k, v in data.items():
@@ -137,6 +138,16 @@ def coerce(cls: type, data: Mapping[str, Any] | None, path: str = "") -> Any:
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}" if path else str(e)) from None
     return obj
+
+
+def did_you_mean(name: str, known: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for a close known name (``train.epoch`` -> ``epochs``), else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), known, n=2, cutoff=0.6)
+    if not close and known:  # a prefix, e.g. vgg11 -> vgg11_bn
+        close = [k for k in known if k.startswith(str(name)) or str(name).startswith(k)][:2]
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
 def field_names(cls: type) -> set[str]:

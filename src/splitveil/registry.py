@@ -1,10 +1,9 @@
 """A tiny name -> constructor registry shared by datasets, models, defenses and attacks."""
 from __future__ import annotations
 
-import difflib
 from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
 
-from .params import ConfigError, coerce
+from .params import ConfigError, coerce, did_you_mean  # noqa: F401  (did_you_mean: re-exported)
 
 T = TypeVar("T")
 
@@ -16,12 +15,6 @@ class UnknownNameError(ConfigError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def did_you_mean(name: str, known: list[str]) -> str:
-    """`` (did you mean 'x'?)`` for a close registered name, else ''."""
-    close = difflib.get_close_matches(str(name), known, n=2, cutoff=0.6)
-    if not close and known:  # a prefix, e.g. vgg11 -> vgg11_bn
-        close = [k for k in known if k.startswith(str(name)) or str(name).startswith(k)][:2]
-    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
 class Registry(Generic[T]):

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 from ..params import ConfigError, coerce, field_names
+from ..params import did_you_mean
 from .base import DEFENSES, DefenseStack
 
 
@@ -83,7 +84,9 @@ class DefenseSpec(Mapping):
             if not declared:
                 if key in DEFENSES or key == "none":
                     raise ConfigError(f"{path}.{key}: parameters given for '{key}', which is not in {path}.name")
-                raise ConfigError(f"unknown field '{path}.{key}' for defense(s) {names or ['none']}")
+                valid = sorted({f for n in names for f in field_names(DEFENSES.get(n).Params)})
+                raise ConfigError(f"unknown field '{path}.{key}'{did_you_mean(key, valid)} for defense(s) "
+                                  f"{', '.join(names) or 'none'}; their parameters: {', '.join(valid) or '(none)'}")
             takers = [n for n in declared if key not in scoped.get(n, {})]   # a scoped value wins
             shared = all(key in getattr(DEFENSES.get(n), "shared_params", ()) for n in takers)
             if len(takers) > 1 and not shared:

@@ -151,13 +151,65 @@ def load_records(out: str | Path, status: str | None = "finished") -> list[dict[
     return [run_summary(r) for r in open_store(out).runs(status)]
 
 
+def _flat(tree: Any, prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif prefix:
+        out[prefix] = "+".join(map(str, tree)) if isinstance(tree, list) and all(not isinstance(x, (dict, list)) for x in tree) else tree
+    return out
+
+
+def analysis_record(row: dict[str, Any]) -> dict[str, Any]:
+    """``run_summary`` plus what an analysis in pandas needs, as values rather than text: the config flattened into
+    columns (``data.train_size``, ``train.epochs``, ``attacks.inverse_network.epochs``, ...), each defense's
+    resolved parameters (``defense.gaussian_noise.sigma``, ``defense.cem_gmm.lambda``), ``flags``,
+    ``weak_attacks`` and ``unconverged_attacks`` as lists, each attack's std over images (``<attack>.mse_std``)
+    and held-out curve (``<attack>.val_curve``), the per-epoch training history (``history``: one dict per epoch,
+    and ``history.<key>`` lists such as ``history.test_accuracy``) and the wall time per stage (``time.<stage>_s``,
+    cumulative over resumes)."""
+    m = row.get("metrics") or {}
+    run = RunRecord.from_dict(m)
+    rec = run_summary(row)
+    cfg = dict(row.get("config") or {})
+    defense_block = cfg.pop("defense", None) or {}
+    for k, v in _flat(cfg, "").items():
+        if k not in ("name", "seed"):
+            rec.setdefault(k, v)
+    names = defense_block.get("name") if isinstance(defense_block, dict) else None
+    rec["defense.name"] = "+".join(names) if isinstance(names, list) else (names or run.defense or "none")
+    for name, params in defense_params(m, row.get("config")).items():
+        for k, v in params.items():
+            if v is None or isinstance(v, (int, float, str, bool)):
+                rec[f"defense.{name}.{'lambda' if k == 'lambda_' else k}"] = v
+    rec["flags"] = run.run_flags()
+    rec["weak_attacks"] = run.weak_attacks()
+    rec["unconverged_attacks"] = run.unconverged_attacks()
+    for name, res in run.attacks.items():
+        for k in IMAGE_METRICS:
+            rec[f"{name}.{k}_std"] = getattr(res, f"{k}_std", None)
+        rec[f"{name}.val_curve"] = res.val_curve
+    history = [dict(e) for e in (run.history or []) if isinstance(e, dict)]
+    rec["history"] = history
+    for key in dict.fromkeys(k for e in history for k in e if k != "epoch"):
+        rec[f"history.{key}"] = [e.get(key) for e in history]
+    for k, v in (run.timings or {}).items():
+        rec[f"time.{k}"] = v
+    return rec
+
+
 def load_results(out: str | Path, status: str | None = "finished"):
-    """Every finished run of a store as a pandas DataFrame, one row per run (columns of ``run_summary``:
-    ``defense``, ``defense_desc``, ``seed``, ``accuracy``, ``<attack>.mse``, ``worst.mse``, ``worst.mse.attack``,
-    ``flags``, ``cem.snr``, ``encoder_flops``, ...). ``status=None`` includes unfinished runs."""
+    """Every finished run of a store as a pandas DataFrame, one row per run, ready for analysis: the columns of
+    ``run_summary`` (``defense``, ``defense_desc``, ``seed``, ``accuracy``, ``<attack>.mse``, ``worst.mse``,
+    ``worst.mse.attack``, ``mean_image.mse``, ``cem.snr``, ``encoder_flops``, ...) plus, from
+    ``analysis_record``, the config as columns (``defense.gaussian_noise.sigma``, ``defense.cem_gmm.lambda``,
+    ``train.epochs``, ...), ``flags`` / ``weak_attacks`` / ``unconverged_attacks`` as lists, ``<attack>.mse_std``,
+    ``<attack>.val_curve``, ``history`` and ``history.<key>`` per epoch, ``time.<stage>_s``.
+    ``status=None`` includes unfinished runs."""
     try:
         import pandas as pd
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("load_results needs pandas: pip install pandas "
                           "(or use splitveil.report.results.load_records for a list of dicts)") from e
-    return pd.DataFrame(load_records(out, status))
+    return pd.DataFrame([analysis_record(r) for r in open_store(out).runs(status)])

@@ -37,8 +37,8 @@ METRICS_FILE = "metrics.json"
 def results_paths(results: str | Path) -> tuple[Path, Path]:
     """(runs folder, store file) of ``results``: a runs folder (holding ``results.sqlite``) or the store file."""
     path = Path(results)
-    if path.is_dir():
-        return path, path / DB_NAME
+    if path.is_dir() or (not path.exists() and path.suffix.lower() not in (".sqlite", ".sqlite3", ".db")):
+        return path, path / DB_NAME      # a runs folder, or one not made yet (`report runs/` before any run)
     return path.parent, path
 
 
@@ -47,7 +47,8 @@ def open_store(results: str | Path) -> ResultsStore:
     command that creates it when there is none."""
     folder, db = results_paths(results)
     if not db.exists():
-        raise FileNotFoundError(f"no results store at {db} (run `splitveil run ... --out {folder}` first)")
+        raise FileNotFoundError(f"no results store at {db}: nothing was recorded in {folder}/ yet (run `splitveil run "
+                                f"CONFIG --out {folder}` or `splitveil sweep SWEEP.yaml --out {folder}` first)")
     return ResultsStore(db)
 
 
