@@ -15,6 +15,15 @@ def _common(p) -> None:
                         "(default 200; 0: none)")
 
 
+def gpz_lock(out, cfg, kind: str = "gpz"):
+    """The run lock (``results.store.run_lock``, the one ``splitveil run`` takes) on the sweep's folder
+    ``<out>/gpz-<run-id>``: a second gpz / probe of the same config in the same ``--out`` is refused with a clear
+    RunBusyError instead of writing the same checkpoint."""
+    from ..results.store import run_lock
+
+    return run_lock(out, f"{kind}-{cfg.run_id()}")
+
+
 @command("gpz", "Golden Partition Zone sweep: probe (R_c^2, entropy bounds, cost) and attack every cut of one model")
 class GPZCommand:
     @staticmethod
@@ -54,7 +63,8 @@ class GPZCommand:
                 raise ConfigError("--seeds: only with --compare-labels (a plain sweep uses the config's seed)")
         if args.compare_labels:
             forms = [f.strip() for f in args.compare_labels.split(",") if f.strip()]
-            res = run_compare(cfg, forms, args.out, args.cuts, attack, args.probe_images, seeds, gap, args.bootstrap)
+            with gpz_lock(args.out, cfg, "gpz-compare"):
+                res = run_compare(cfg, forms, args.out, args.cuts, attack, args.probe_images, seeds, gap, args.bootstrap)
             for per_seed in res["results"].values():
                 for r in per_seed.values():
                     write_sweep(r)
@@ -66,8 +76,9 @@ class GPZCommand:
             print(res["table_md"])
             print(f"comparison in {res['dir']}")
             return 0
-        sweep = GPZSweep(cfg, args.out, args.probe_images, args.bootstrap)
-        res = sweep.run(args.cuts, attack, gap)
+        with gpz_lock(args.out, cfg):
+            sweep = GPZSweep(cfg, args.out, args.probe_images, args.bootstrap)
+            res = sweep.run(args.cuts, attack, gap)
         write_sweep(res)
         print(f"{res['dataset']} {res['model']} ({res['defense']}): test accuracy {res['accuracy']:.4f}\n")
         print(markdown_table(res["rows"], res["zone"]))
@@ -90,9 +101,10 @@ class ProbeCommand:
         from ..experiments.gpz import GPZSweep, parse_cuts
 
         cfg = config_from_args(args)
-        sweep = GPZSweep(cfg, args.out, args.probe_images, args.bootstrap).prepare()
-        (k,) = parse_cuts(str(args.cut), sweep.block_names)
-        row = sweep.probe(k)
+        with gpz_lock(args.out, cfg):   # the same folder (and checkpoint) as `gpz` with this config
+            sweep = GPZSweep(cfg, args.out, args.probe_images, args.bootstrap).prepare()
+            (k,) = parse_cuts(str(args.cut), sweep.block_names)
+            row = sweep.probe(k)
         print(f"{sweep.data.name} {cfg.model.name} ({sweep.defenses.label}): test accuracy {sweep.accuracy:.4f}")
         print(f"cut {k} ({row['block']}), features {tuple(row['shape'])}, {row['probe_images']} test images\n")
         print("| probe | value |\n|---|---|")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..results.records import IMAGE_METRICS, RunRecord
+from ..results.records import EXCLUDING_FLAGS, IMAGE_METRICS, RunRecord, flag_text
 from ..results.store import open_store, results_paths
 from .results import run_summary
 
@@ -40,6 +40,17 @@ class GroupedRun:
     def record(self) -> RunRecord:
         """The run's metrics as a typed record."""
         return RunRecord.from_dict(self.metrics)
+
+    @property
+    def excluded(self) -> list[str]:
+        """The flags that keep this run out of Pareto fronts, equal-utility frontiers and gains
+        (:data:`~splitveil.results.records.EXCLUDING_FLAGS`: its privacy number measures no defense)."""
+        return excluding(self.flags)
+
+
+def excluding(flags: list[str] | None) -> list[str]:
+    """The flags of ``flags`` that exclude a run from fronts, frontiers and gains."""
+    return [f for f in flags or [] if f in EXCLUDING_FLAGS]
 
 
 @dataclass
@@ -74,6 +85,26 @@ class Group:
         for r in self.runs:
             out += [f for f in r.flags if f not in out]
         return out
+
+    @property
+    def kept_runs(self) -> list[GroupedRun]:
+        """The runs that may enter a Pareto front, a frontier or a gain (no excluding flag)."""
+        return [r for r in self.runs if not excluding(r.flags)]
+
+    def kept(self) -> "Group | None":
+        """This group with its excluded runs left out (itself when none is; None when every run is excluded): what
+        fronts, frontiers and gains are computed from."""
+        runs = self.kept_runs
+        if len(runs) == len(self.runs):
+            return self
+        if not runs:
+            return None
+        return Group(self.dataset, self.model, self.cut, self.defense, self.params, runs, self.label_fields)
+
+    def exclusion(self) -> str:
+        """Which runs are kept out of fronts, frontiers and gains, and why ('' when none), e.g.
+        ``seed 1 (chance accuracy)``."""
+        return "; ".join(f"seed {r.seed} ({flag_text(excluding(r.flags))})" for r in self.runs if excluding(r.flags))
 
     def worst_attacks(self, metric: str = "mse") -> list[str]:
         """The attacks that gave the worst case of ``metric`` in this group's runs (one per seed, deduplicated)."""

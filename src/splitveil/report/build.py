@@ -297,6 +297,16 @@ def _fixed_lines(sec: DatasetSection) -> list[str]:
     return lines
 
 
+def _exclusion_lines(sec: DatasetSection) -> list[str]:
+    """The runs kept out of the Pareto front, the equal-utility frontiers and the gains, with the reason (their
+    rows stay in the table above, flagged)."""
+    items = [f"{g.label}: {g.exclusion()}" for g in sec.groups if g.exclusion()]
+    if not items:
+        return []
+    return ["Excluded from the Pareto front, the equal-utility frontiers and the gains (flagged runs measure no "
+            "defense): " + "; ".join(items)]
+
+
 def _gain_note(rep: Report, an: GainAnalysis) -> str:
     lo, hi = an.frontier.range if an.frontier.usable else (float("nan"), float("nan"))
     methods = sorted({g.ci_method for g in an.gains})
@@ -319,6 +329,7 @@ def render_markdown(rep: Report, files_dir: str = "report_files") -> str:
         out += [_md_row(_cells(sec, g)) for g in sec.groups]
         out.append("")
         out += [md_escape(line) + "  " for line in _fixed_lines(sec)] + [""]
+        out += [md_escape(line) for line in _exclusion_lines(sec)] + ([""] if _exclusion_lines(sec) else [])
         if sec.pareto:
             out += [f"Pareto front (accuracy vs {rep.attack} MSE): " + ", ".join(md_escape(p) for p in sec.pareto), ""]
         for an in sec.analyses:
@@ -407,7 +418,7 @@ def render_latex(rep: Report) -> str:
             cells += [tex_escape(c) for c in tail]
             out.append(" & ".join(cells) + " \\\\")
         out += ["\\bottomrule", "\\end{tabular}", "",
-                "\\par\\footnotesize " + tex_escape("; ".join(_fixed_lines(sec))), "\\end{table}", ""]
+                "\\par\\footnotesize " + tex_escape("; ".join(_fixed_lines(sec) + _exclusion_lines(sec))), "\\end{table}", ""]
         rows = gain_rows(sec)
         if rows:
             out += ["\\begin{table}[t]", "\\centering", "\\small",
@@ -465,7 +476,7 @@ def render_html(rep: Report) -> str:
         body.append(f'<p class="note">model {e(g0.model)}, cut {e(g0.cut)}</p>')
         classes = ["pareto" if g.label in sec.pareto else "" for g in sec.groups]
         body.append(_html_table(_header(sec), [_cells(sec, g) for g in sec.groups], classes, "summary"))
-        body += [f'<p class="note">{e(line)}</p>' for line in _fixed_lines(sec)]
+        body += [f'<p class="note">{e(line)}</p>' for line in _fixed_lines(sec) + _exclusion_lines(sec)]
         for an in sec.analyses:
             body.append(f"<h3>Equal-utility gain over {e(an.reference)}</h3>")
             body.append(f'<p class="note">{e(_gain_note(rep, an).replace("`", ""))}</p>')

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..results.records import EXCLUDING_FLAGS
 from .results import worst_case
 
 WORST = "worst"
@@ -293,9 +294,13 @@ def context_key(group) -> str:
 
 
 def level_of(group, metric: str = WORST) -> Level | None:
-    """The group's runs that recorded ``metric`` (the worst case: any attack); None when none did."""
+    """The group's runs that recorded ``metric`` (the worst case: any attack); None when none did. A run flagged
+    with one of ``EXCLUDING_FLAGS`` (chance accuracy, an unconverged attack, ...) is left out: its MSE measures no
+    defense, so it enters neither a frontier nor a gain."""
     runs = []
     for r in group.runs:
+        if any(f in EXCLUDING_FLAGS for f in getattr(r, "flags", None) or []):
+            continue
         try:
             s = RunSample.from_metrics(r.metrics, metric)
         except (ValueError, KeyError, TypeError):
