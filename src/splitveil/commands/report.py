@@ -26,8 +26,11 @@ class ReportCommand:
                        help="defense label whose swept frontier the equal-utility gain is measured against (repeatable; "
                             "e.g. gaussian_noise, gaussian_noise+cem_gmm; 'none' for no gain table). Default: "
                             "gaussian_noise when it was run at >= 2 settings. Implies --format md when no format is given")
+        p.add_argument("--interval", choices=["t", "bootstrap"], default="t",
+                       help="gain intervals: t over seeds, paired by seed (default), or the former percentile "
+                            "bootstrap (too narrow with 3 seeds; see docs/reports.md)")
         p.add_argument("--bootstrap", type=int, default=2000, metavar="N",
-                       help="bootstrap replicates per gain interval (default 2000; 0: no intervals)")
+                       help="--interval bootstrap: replicates per gain interval (default 2000; 0: no intervals)")
         p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
 
     @staticmethod
@@ -60,7 +63,7 @@ class ReportCommand:
         try:
             refs = [r.strip() for x in args.references for r in x.split(",") if r.strip()] if args.references else None
             written = build_report(args.results, formats, args.out, args.attack, references=refs,
-                                   n_boot=args.bootstrap, seed=args.seed)
+                                   n_boot=args.bootstrap, seed=args.seed, interval=args.interval)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if "md" in written:

@@ -144,7 +144,7 @@ def resolve_references(groups: list[Group], references: list[str] | None) -> lis
 
 
 def build(results: str | Path, attack: str | None = None, figures: bool = True, references: list[str] | None = None,
-          n_boot: int = 2000, seed: int = 0) -> Report:
+          n_boot: int = 2000, seed: int = 0, interval: str = "t") -> Report:
     """The report's content. ``attack``: the privacy axis, ``worst`` (default: the worst case over the attack
     suite, read from metrics["worst_case"] or computed) or an attack name. ``references``: defenses whose
     swept frontier the equal-utility gains are measured against (default ``auto``: gaussian_noise when it was
@@ -173,7 +173,7 @@ def build(results: str | Path, attack: str | None = None, figures: bool = True, 
         sec.fixed = fixed_settings([r for g in gs for r in g.runs])
         sec.controls = [c for c in CONTROLS if any(g.stat(c)[0] is not None for g in gs)]
         for ref in refs:
-            for an in analyse_groups(gs, ref, metric=axis, n_boot=n_boot, seed=seed).values():
+            for an in analyse_groups(gs, ref, metric=axis, n_boot=n_boot, seed=seed, method=interval).values():
                 sec.analyses.append(an)
         if figures and attack:
             fig, front = tradeoff_figure(gs, axis, f"{ds}: accuracy vs {'worst-case' if axis == WORST else axis} MSE",
@@ -239,12 +239,18 @@ def fmt_gain_cells(an: GainAnalysis, g: Group, gain, sec: DatasetSection) -> lis
     else:
         gtxt, where = f"{gain.gain:+.3f}", "yes"
     ci = "" if gain.ci is None else f"[{gain.ci[0]:+.3f}, {gain.ci[1]:+.3f}]"
-    if gain.gain is not None and gain.ci is None and gain.ci_kept is not None:
-        ci = f"none ({gain.ci_kept:.0%} of replicates in range)"
+    if gain.gain is not None and gain.ci is None:
+        ci = f"none ({gain.ci_kept:.0%} of replicates in range)" if gain.ci_kept is not None else f"none ({gain.ci_method})"
     ratio = "" if gain.mse_ratio is None else f"{gain.mse_ratio:.3f}"
     ctrl = [fmt_stat(*g.stat(c), c) for c in CONTROLS]
     return [an.reference, g.defense, _defense_params(g, dfields) if dfields else "", str(gain.n), f"{gain.accuracy:.4f}",
-            f"{gain.mse:.4f}", gtxt, ci, ratio, where, flag_text(g.flags)] + ctrl
+            f"{gain.mse:.4f}", gtxt, ci, ratio, where, _gain_flags(g, gain)] + ctrl
+
+
+def _gain_flags(g: Group, gain) -> str:
+    """The group's flags and, for a comparison across a frontier segment wider than 5 accuracy points, that."""
+    wide = f"wide segment ({gain.bridge:.3f})" if gain.wide else ""
+    return ", ".join(x for x in (flag_text(g.flags), wide) if x)
 
 
 # -- renderers -----------------------------------------------------------------------------------------
@@ -309,12 +315,10 @@ def _exclusion_lines(sec: DatasetSection) -> list[str]:
 
 def _gain_note(rep: Report, an: GainAnalysis) -> str:
     lo, hi = an.frontier.range if an.frontier.usable else (float("nan"), float("nan"))
-    methods = sorted({g.ci_method for g in an.gains})
     return (f"Equal-utility privacy gain over `{an.reference}`: log(MSE / MSE_ref(accuracy)) on the "
             f"{'worst-case' if rep.attack in (None, WORST) else rep.attack} MSE; > 0 = more private than "
             f"{an.reference} at the same accuracy. Frontier: monotone fit over {len(an.reference_levels)} settings "
-            f"averaged over seeds, accuracy range [{lo:.4f}, {hi:.4f}], never extrapolated. 95% percentile "
-            f"bootstrap ({an.n_boot} replicates) over {', '.join(methods)}.")
+            f"averaged over seeds, accuracy range [{lo:.4f}, {hi:.4f}], never extrapolated. {an.interval_note}.")
 
 
 def render_markdown(rep: Report, files_dir: str = "report_files") -> str:
@@ -350,7 +354,8 @@ def render_gains_csv(rep: Report) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["dataset", "model", "cut", "reference", "defense", "label", "n", "accuracy", "mse", "where", "gain",
-                "ci_low", "ci_high", "ci_kept", "ci_method", "n_boot", "flags"] + list(CONTROLS) + ["run_ids"])
+                "ci_low", "ci_high", "ci_kept", "ci_method", "n_boot", "flags"] + list(CONTROLS) + ["run_ids",
+                "ci_se", "ci_df", "segment_width", "wide_segment"])
     for sec in rep.sections:
         for an, g, gain in gain_rows(sec):
             ctrl = [g.stat(c)[0] for c in CONTROLS]
@@ -359,7 +364,9 @@ def render_gains_csv(rep: Report) -> str:
                         "" if gain.ci is None else repr(gain.ci[0]), "" if gain.ci is None else repr(gain.ci[1]),
                         "" if gain.ci_kept is None else repr(gain.ci_kept), gain.ci_method, an.n_boot,
                         flag_text(g.flags)] + ["" if v is None else repr(v) for v in ctrl]
-                       + [" ".join(r.run_id for r in g.runs)])
+                       + [" ".join(r.run_id for r in g.runs)]
+                       + ["" if gain.se is None else repr(gain.se), "" if gain.df is None else repr(gain.df),
+                          "" if gain.bridge is None else repr(gain.bridge), "yes" if gain.wide else ""])
     return buf.getvalue()
 
 
@@ -423,7 +430,7 @@ def render_latex(rep: Report) -> str:
         if rows:
             out += ["\\begin{table}[t]", "\\centering", "\\small",
                     f"\\caption{{{tex_escape(sec.dataset)}: equal-utility privacy gain log(MSE/MSE$_\\mathrm{{ref}}$(accuracy)) "
-                    f"with 95\\% bootstrap intervals; n/a: outside the reference's accuracy range (not extrapolated).}}",
+                    f"with 95\\% {'bootstrap' if rep.sections and any(a.method == 'bootstrap' for sec_ in rep.sections for a in sec_.analyses) else 't'} intervals; n/a: outside the reference's accuracy range (not extrapolated).}}",
                     f"\\label{{tab:{_slug(sec.dataset)}-gain}}",
                     "\\begin{tabular}{" + "l" * 3 + "r" * (len(GAIN_HEADER) - 3) + "}", "\\toprule",
                     " & ".join(tex_escape(h) for h in GAIN_HEADER) + " \\\\", "\\midrule"]
@@ -507,7 +514,7 @@ def _cell(v: Any) -> str:
 
 def build_report(results: str | Path, formats: list[str] | tuple[str, ...] = FORMATS, out: str | Path | None = None,
                  attack: str | None = None, references: list[str] | None = None, n_boot: int = 2000,
-                 seed: int = 0) -> dict[str, Path]:
+                 seed: int = 0, interval: str = "t") -> dict[str, Path]:
     """Write the requested formats (md, csv, latex, html) into ``out`` (default: beside the store).
 
     md -> report.md (+ figures in report_files/), csv -> report.csv (one row per run) and summary.csv (one
@@ -519,7 +526,7 @@ def build_report(results: str | Path, formats: list[str] | tuple[str, ...] = FOR
     folder = Path(out) if out else results_paths(results)[0]
     folder.mkdir(parents=True, exist_ok=True)
     rep = build(results, attack, figures=("md" in formats or "html" in formats), references=references, n_boot=n_boot,
-                seed=seed)
+                seed=seed, interval=interval)
     written: dict[str, Path] = {}
     if "md" in formats:
         files = folder / "report_files"
