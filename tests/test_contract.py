@@ -134,8 +134,10 @@ def test_an_ambiguous_flat_defense_key_is_an_error_naming_the_defenses():
                          "points": [{"defense.name": ["nopeek", "label_smoothing"], "defense.alpha": 0.1}]})
 
 
-def test_the_sweep_file_is_coerced_like_a_run_config(tmp_path):
+def test_the_sweep_file_is_coerced_like_a_run_config(tmp_path, monkeypatch):
     from splitveil.experiments.sweep import parse_sweep, sweep_from_dict
+
+    monkeypatch.setenv("SPLITVEIL_ALLOW_PLUGINS", "1")   # the sweep names plug-ins: allowed (--allow-plugins)
 
     base = {"data": {"name": "digits"}}
     with pytest.raises(ConfigError, match="resources.cpus: expected a number"):
@@ -301,7 +303,9 @@ def registries():
 
 
 def _plugin(tmp_path, monkeypatch, name):
+    """A plug-in module ``name`` on the path; plug-ins allowed (as with --allow-plugins)."""
     (tmp_path / f"{name}.py").write_text(textwrap.dedent(PLUGIN))
+    monkeypatch.setenv("SPLITVEIL_ALLOW_PLUGINS", "1")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, name, raising=False)
     return name
@@ -339,6 +343,8 @@ def test_a_plugin_module_listed_in_the_config_registers_a_defense_and_an_attack_
 def test_plugin_errors_and_clashes_are_named(tmp_path, monkeypatch, registries):
     from splitveil.defenses import Defense
 
+    monkeypatch.setenv("SPLITVEIL_ALLOW_PLUGINS", "1")
+
     with pytest.raises(ConfigError, match="plugins\\[0\\]: cannot import plug-in module 'no_such_module_xyz'"):
         config_from_dict({"plugins": ["no_such_module_xyz"]})
     with pytest.raises(ConfigError, match="plugins: expected a list of importable module names"):
@@ -361,6 +367,7 @@ def test_entry_point_plugins_load_on_the_first_unknown_name(tmp_path, monkeypatc
     from importlib.metadata import EntryPoint
 
     mod = _plugin(tmp_path, monkeypatch, "sv_ep_plugin")
+    monkeypatch.delenv("SPLITVEIL_ALLOW_PLUGINS")   # installed packages' entry points need no --allow-plugins
     eps = [EntryPoint("demo", mod, registry_mod.PLUGIN_GROUP)]
     monkeypatch.setattr("importlib.metadata.entry_points", lambda group=None: eps if group == registry_mod.PLUGIN_GROUP else [])
     monkeypatch.setattr(registry_mod, "_entry_points_loaded", False)

@@ -102,3 +102,75 @@ def test_empty_or_directory_config_is_a_clear_error(tmp_path):
         load_config(tmp_path / "empty.yaml")
     with pytest.raises(ConfigError, match="not a readable text file"):
         load_config(tmp_path)
+
+
+# -- plug-ins named in a config run code: only with --allow-plugins -----------------------------------------
+
+EVIL_PLUGIN = '''
+from pathlib import Path
+Path({target!r}).write_text("ran")   # stands for anything a module can do when imported
+'''
+
+
+def _evil_beside_a_config(tmp_path, monkeypatch, mod="sv_evil_plugin", reference=False):
+    """A config in ``tmp_path`` naming the module ``mod`` written beside it (the current directory), whose
+    import would create ``tmp_path/pwned``."""
+    import sys
+
+    target = tmp_path / "pwned"
+    (tmp_path / f"{mod}.py").write_text(EVIL_PLUGIN.format(target=str(target)))
+    model = f"{mod}:make" if reference else "vgg11_bn"
+    cfg = tmp_path / "received.yaml"
+    cfg.write_text(("" if reference else f"plugins: [{mod}]\n") +
+                   f"data: {{name: digits}}\nmodel: {{name: '{model}', width: 0.125, cut: 1}}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, mod, raising=False)
+    monkeypatch.delenv("SPLITVEIL_ALLOW_PLUGINS", raising=False)
+    return cfg, target, mod
+
+
+def test_a_plugin_beside_a_received_config_runs_only_with_allow_plugins(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import splitveil.registry as registry_mod
+    from splitveil.cli import main
+    from splitveil.experiments import load_config
+
+    cfg, target, mod = _evil_beside_a_config(tmp_path, monkeypatch)
+    monkeypatch.setattr(registry_mod, "_plugins_loaded", dict(registry_mod._plugins_loaded))
+    with pytest.raises(ConfigError, match=rf"plugins: refusing to import the plug-in module\(s\) '{mod}'.*--allow-plugins"):
+        load_config(cfg)
+    assert not target.exists() and mod not in sys.modules
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"base: {cfg.name}\ngrid: {{seed: [0, 1]}}\nout: {tmp_path / 'runs'}\n")
+    assert main(["sweep", str(sweep), "--dry-run"]) == 2          # the CLI: refused, one clear line
+    err = capsys.readouterr().err
+    assert "--allow-plugins" in err and mod in err and "Traceback" not in err
+    assert not target.exists() and mod not in sys.modules
+    # with the flag: imported (the file appears), and the points list; the environment is as it was after
+    assert main(["sweep", str(sweep), "--dry-run", "--allow-plugins"]) == 0
+    assert target.read_text() == "ran"
+    assert "SPLITVEIL_ALLOW_PLUGINS" not in __import__("os").environ
+    # the Python API's opt-in, inherited by worker processes through the environment
+    target.unlink()
+    monkeypatch.delitem(sys.modules, mod)
+    registry_mod._plugins_loaded.pop(mod, None)
+    from splitveil import allow_plugins
+
+    try:
+        allow_plugins()
+        assert __import__("os").environ["SPLITVEIL_ALLOW_PLUGINS"] == "1"
+        assert load_config(cfg).plugins == [mod] and target.exists()
+    finally:
+        allow_plugins(False)
+
+
+def test_a_model_reference_to_code_beside_a_config_needs_allow_plugins(tmp_path, monkeypatch):
+    import sys
+
+    from splitveil.experiments import load_config
+
+    cfg, target, mod = _evil_beside_a_config(tmp_path, monkeypatch, "sv_evil_model", reference=True)
+    with pytest.raises(ConfigError, match=rf"model.name: refusing to import .*'{mod}'.*--allow-plugins"):
+        load_config(cfg)
+    assert not target.exists() and mod not in sys.modules

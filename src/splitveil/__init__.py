@@ -4,7 +4,7 @@ The small Python API (see README, "Python API")::
 
     from splitveil import (DataConfig, build_data, ModelConfig, build_split_model, split, create_model,
                            build_defenses, create_defense, Edge, TrainConfig, Trainer, ATTACKS, create_attack,
-                           run_attack, image_metrics, edge_cost, load_config, run_experiment)
+                           run_attack, image_metrics, edge_cost, load_config, run_experiment, allow_plugins)
 
 Names are imported on first use, so ``import splitveil`` (and ``splitveil --help``) does not load torch.
 """
@@ -24,7 +24,7 @@ _API = {
     "edge_cost": ".metrics", "image_metrics": ".metrics", "mean_intra_class_radius": ".metrics",
     "MODELS": ".models", "ModelConfig": ".models", "build_split_model": ".models", "create_model": ".models",
     "split": ".models",
-    "ConfigError": ".params",
+    "ConfigError": ".params", "allow_plugins": ".registry",
     "create_attack": ".attacks", "create_defense": ".defenses",
     "TrainConfig": ".training", "Trainer": ".training",
 }

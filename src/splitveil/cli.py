@@ -38,6 +38,9 @@ def _error_class(e: BaseException, name: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    plugins_env = os.environ.get("SPLITVEIL_ALLOW_PLUGINS")
+    if getattr(args, "allow_plugins", False):   # inherited by sweep worker processes
+        os.environ["SPLITVEIL_ALLOW_PLUGINS"] = "1"
     try:
         previous = signal.signal(signal.SIGTERM, _sigterm)
     except ValueError:  # not the main thread (e.g. called from a test thread)
@@ -68,8 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         if _error_class(e, "NonFiniteLossError") or _error_class(e, "RunBusyError"):
             print(f"splitveil: {e}", file=sys.stderr)
             return 1
+        if _error_class(e, "DiskFullError"):   # the run is recorded failed and resumes from its checkpoints
+            print(f"splitveil: {e.strerror if isinstance(e, OSError) and e.strerror else e}", file=sys.stderr)
+            return 1
         raise
     finally:
+        if plugins_env is None:   # main() called in-process (tests, scripts) leaves the environment as it was
+            os.environ.pop("SPLITVEIL_ALLOW_PLUGINS", None)
+        else:
+            os.environ["SPLITVEIL_ALLOW_PLUGINS"] = plugins_env
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

@@ -2,13 +2,12 @@
 
 A config may name ``model.name: "mypkg.models:make_net"`` or ``data.name: "mypkg.data:load"`` instead of a
 registered name: the module is imported (like a ``plugins:`` entry, and only when plug-ins are allowed, with
-``--allow-plugins`` or ``splitveil.allow_plugins()``, unless it is imported already: a config that names code
-runs it) and the attribute after the colon is returned."""
+``--allow-plugins`` or ``splitveil.allow_plugins()``: a config that names code runs it) and the attribute after
+the colon is returned."""
 from __future__ import annotations
 
 import importlib
 import re
-import sys
 from typing import Any
 
 from .params import ConfigError
@@ -26,10 +25,6 @@ def import_reference(ref: str, field: str) -> Any:
     if not is_reference(ref):
         raise ConfigError(f"{field}: {ref!r} is not a 'module:function' reference (e.g. mypkg.models:make_net)")
     mod_name, attr = ref.strip().split(":", 1)
-    if mod_name not in sys.modules:   # importing it runs its code: only with --allow-plugins, like plugins:
-        from .registry import require_plugin_permission
-
-        require_plugin_permission([mod_name], field)
     from .registry import load_plugins
 
     load_plugins([mod_name], field)   # the same import, and the same permission (--allow-plugins), as plugins:

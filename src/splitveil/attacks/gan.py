@@ -18,6 +18,7 @@ from torch import nn
 from ..data import DataBundle, ImageSplit
 from ..defenses import Edge
 from ..params import require
+from ..utils import load_or_none, verify_file
 from .base import ATTACKS
 from .inverse_network import InverseNetworkAttack, InverseNetworkParams, cosine_schedule
 
@@ -154,7 +155,7 @@ class GanAttack(InverseNetworkAttack):
     def fit(self, edge: Edge, data: DataBundle) -> dict[str, Any]:
         self._init_state, info = None, {}
         own = self.checkpoint_path()
-        if self.params.init_from_inverse and not (own and own.exists()):
+        if self.params.init_from_inverse and not (own and verify_file(own) is None):
             self._init_state, info = self._inverse_init(edge, data)
         out = super().fit(edge, data)
         return {**out, **info}
@@ -165,8 +166,8 @@ class GanAttack(InverseNetworkAttack):
         architecture fitted here (``init_epochs``, default the inverse network's default budget)."""
         p = self.params
         prev = self.workdir / "attack_inverse_network.pt" if self.workdir else None
-        if prev and prev.exists():
-            st = torch.load(prev, map_location=self.device, weights_only=True)
+        st = load_or_none(prev, "fitting an inverse network for the start here", self.device)
+        if st is not None:
             state = st.get("best") or st["decoder"]
             with torch.no_grad():
                 z0 = edge(data.to_model_input(self.fit_split(data).images[:1], self.device))

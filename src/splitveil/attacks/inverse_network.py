@@ -17,7 +17,7 @@ from ..models.decoder import (InversionDecoder, ResidualBlock, TokensToMap, auto
                               make_activation, token_grid)
 from ..params import require
 from ..precision import MixedPrecision
-from ..utils import atomic_torch_save, progress, rng_state, set_rng_state
+from ..utils import atomic_torch_save, load_or_none, progress, rng_state, set_rng_state
 from .base import ATTACKS, Attack, inference_split, transmitted
 
 
@@ -47,7 +47,6 @@ class InverseNetworkParams:
     # optimiser state, losses and metrics; auto: bf16 + channels-last where the device runs bf16 fast, else fp32
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool | Literal["auto"] = "auto"
-
     def validate(self) -> None:
         require(self.epochs >= 1, "epochs", "must be >= 1")
         require(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1 or null")
@@ -187,8 +186,9 @@ class InverseNetworkAttack(Attack):
         if warm and val_data is not None:   # a warm start competes too: fine-tuning cannot end worse on held-out data
             best = (self.held_out_mse(*val_data), 0, copy_state(self.decoder))
         ckpt = self.checkpoint_path()
-        if ckpt and ckpt.exists():  # resume an interrupted fit
-            st = torch.load(ckpt, map_location=self.device, weights_only=True)
+        # resume an interrupted fit (after checking the checkpoint's recorded SHA-256)
+        st = load_or_none(ckpt, f"fitting attack {self.name} from its first epoch", self.device)
+        if st is not None:
             for k, m in self.modules_to_save().items():
                 m.load_state_dict(st[k])
             start_epoch, last, steps, val_curve = st["epoch"], st["last"], st.get("steps", 0), st.get("val_curve", [])

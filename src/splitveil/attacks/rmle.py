@@ -43,7 +43,7 @@ from ..data import DataBundle
 from ..defenses import Edge
 from ..defenses.base import Defense
 from ..params import require
-from ..utils import atomic_torch_save, progress
+from ..utils import atomic_torch_save, load_or_none, progress
 from .base import ATTACKS, Attack
 
 
@@ -190,8 +190,8 @@ class RmleAttack(Attack):
         whose mean residual is <= 1, else the weight with the smallest residual (restored from the checkpoint
         when an interrupted run already chose)."""
         ckpt = self.checkpoint_path()
-        if ckpt and ckpt.exists():
-            st = torch.load(ckpt, weights_only=True)
+        st = load_or_none(ckpt, "rmle starts its inversion over")   # its recorded SHA-256 checked first
+        if st is not None:
             if st.get("tv_weight") is not None:
                 self.selection = st.get("selection", {})
                 return float(st["tv_weight"])
@@ -204,7 +204,8 @@ class RmleAttack(Attack):
         chosen = max(ok) if ok else min(res, key=res.get)
         self.selection = {str(w): r for w, r in res.items()}
         if ckpt:
-            st = torch.load(ckpt, weights_only=True) if ckpt.exists() else {"batches": []}
+            st = load_or_none(ckpt, "rmle starts its inversion over")
+            st = {"batches": []} if st is None else st
             st.update(tv_weight=chosen, selection=self.selection)
             atomic_torch_save(st, ckpt)
         return chosen
@@ -214,7 +215,8 @@ class RmleAttack(Attack):
         run resumes after the last finished batch instead of re-optimising it."""
         ckpt = self.checkpoint_path()
         key = (self._batch, z.shape[0], float(z.double().sum()), float(z.double().abs().sum()))
-        state = torch.load(ckpt, weights_only=True) if ckpt and ckpt.exists() else {"batches": []}
+        state = load_or_none(ckpt, "rmle starts its inversion over")
+        state = {"batches": []} if state is None else state
         for k, x in state["batches"]:
             if tuple(k) == key:
                 self._batch += 1
@@ -222,7 +224,8 @@ class RmleAttack(Attack):
         x = self._optimise(z, self.tv, seed=self.seed + self._batch + 1)
         self._batch += 1
         if ckpt:
-            state = torch.load(ckpt, weights_only=True) if ckpt.exists() else {"batches": []}
+            state = load_or_none(ckpt, "rmle starts its inversion over")
+            state = {"batches": []} if state is None else state
             state["batches"].append((list(key), x.cpu()))
             state.setdefault("tv_weight", self.tv)
             atomic_torch_save(state, ckpt)

@@ -34,6 +34,15 @@ def add_config_arguments(p) -> None:
     p.add_argument("--device", help="auto | cpu | cuda, sets device")
     p.add_argument("--seed", type=int, help="sets seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_plugin_argument(p)
+
+
+def add_plugin_argument(p) -> None:
+    """``--allow-plugins``: every command that reads a config or a sweep file takes it."""
+    p.add_argument("--allow-plugins", action="store_true",
+                   help="import the plug-in modules the config names (plugins:, model.name: module:function); "
+                        "importing runs their code, so only for configs you trust (sets SPLITVEIL_ALLOW_PLUGINS=1 "
+                        "for worker processes). Installed packages' entry points need no flag")
 
 
 def config_from_args(args):

@@ -15,6 +15,33 @@ def _common(p) -> None:
                         "(default 200; 0: none)")
 
 
+def _checked(args, cuts: str, field: str):
+    """The config, with ``--out`` and the cuts checked before any work (the model is built, not trained, to
+    know its blocks): a bad value is a ConfigError naming ``field``."""
+    import torch
+
+    from ..data import DATASETS
+    from ..experiments.gpz import parse_cuts
+    from ..experiments.run import check_device, check_out
+    from ..models import create_model
+    from ..params import ConfigError
+
+    check_out(args.out)
+    cfg = config_from_args(args)
+    check_device(cfg.device)
+    info = DATASETS.get(cfg.data.name)
+    size = cfg.data.image_size or info.default_image_size
+    shape = (cfg.data.channels or info.channels or 3, size, size)
+    with torch.random.fork_rng(devices=[]):
+        names = create_model(cfg.model.name, info.num_classes or 10, shape, cfg.model.width,
+                             **cfg.model.options).block_names
+    try:
+        parse_cuts(cuts, names)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("--cuts:", f"{field}:", 1)) from None
+    return cfg
+
+
 def gpz_lock(out, cfg, kind: str = "gpz"):
     """The run lock (``results.store.run_lock``, the one ``splitveil run`` takes) on the sweep's folder
     ``<out>/gpz-<run-id>``: a second gpz / probe of the same config in the same ``--out`` is refused with a clear
@@ -50,7 +77,7 @@ class GPZCommand:
 
         if args.probe_images < 2:
             raise ConfigError("--probe-images: must be >= 2")
-        cfg = config_from_args(args)
+        cfg = _checked(args, args.cuts, "--cuts")
         gap = SECOND_ZONE_GAP if args.second_zone_gap is None else args.second_zone_gap
         attack = not args.no_attack
         seeds = None
@@ -100,7 +127,7 @@ class ProbeCommand:
     def handler(args) -> int:
         from ..experiments.gpz import GPZSweep, parse_cuts
 
-        cfg = config_from_args(args)
+        cfg = _checked(args, str(args.cut), "--cut")
         with gpz_lock(args.out, cfg):   # the same folder (and checkpoint) as `gpz` with this config
             sweep = GPZSweep(cfg, args.out, args.probe_images, args.bootstrap).prepare()
             (k,) = parse_cuts(str(args.cut), sweep.block_names)

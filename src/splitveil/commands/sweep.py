@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from . import command
+from . import add_plugin_argument, command
 
 
 @command("sweep", "run a sweep (base config x grid/list of overrides) with local worker processes or Ray")
@@ -28,6 +28,7 @@ class SweepCommand:
         p.add_argument("--dry-run", action="store_true", help="list the points and their status; run nothing")
         p.add_argument("--no-progress", action="store_true", help="no live progress line")
         p.add_argument("--report", action="store_true", help="write the html/md/csv/latex report when the sweep ends")
+        add_plugin_argument(p)
 
     @staticmethod
     def handler(args) -> int:
@@ -42,6 +43,9 @@ class SweepCommand:
         if args.workers < 1:
             raise ConfigError("--workers: must be >= 1")
         sweep = load_sweep(args.sweep, overrides, args.out)
+        from ..experiments.run import check_out
+
+        check_out(sweep.out, "--out" if args.out else f"{args.sweep}: out")
         if args.dry_run:
             from ..experiments.sweep import check_points
 

@@ -14,6 +14,7 @@ from ..params import ConfigError, require
 from .base import DATASETS, DataBundle, ImageSplit, RawData, stratified_holdout
 
 CACHE_VERSION = 2
+MAX_IMAGE_SIZE = 1024   # pixels a side: 60,000 RGB images at 1024 px are already 189 GB
 
 
 @dataclass
@@ -41,7 +42,9 @@ class DataConfig:
 
             ensure_user_dataset(self.name, self.root)
         require(self.name in DATASETS, "name", DATASETS.unknown(self.name))
-        require(self.image_size is None or self.image_size >= 4, "image_size", "must be >= 4")
+        require(self.image_size is None or 4 <= self.image_size <= MAX_IMAGE_SIZE, "image_size",
+                f"{self.image_size} is outside 4..{MAX_IMAGE_SIZE} (every image is decoded to this size and held in "
+                f"memory)")
         require(self.channels in (None, 1, 3), "channels", "must be 1, 3 or null")
         for f in ("train_size", "test_size"):
             v = getattr(self, f)
@@ -120,20 +123,32 @@ def load_raw(cfg: DataConfig) -> RawData:
         key_src["files"] = fingerprint(root)
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / "data" / f"{cfg.name}-{size}-{key}.pt"
-    if cfg.cache and path.exists():
+    from ..utils import atomic_torch_save, load_or_none
+
+    # the cache file's recorded SHA-256 is checked first: an altered or damaged cache is set aside and decoded again
+    d = load_or_none(path, "decoding the dataset again") if cfg.cache else None
+    if d is not None:
         try:
-            d = torch.load(path, weights_only=True)
             return RawData(d["train_images"], d["train_labels"], d.get("test_images"), d.get("test_labels"),
                            list(d["class_names"]))
-        except Exception:  # a corrupt or partial cache file: decode again
+        except (KeyError, TypeError):  # written by another version: decode again
             pass
-    raw = info.loader(root, size, cfg.channels)
+    raw = _decode(info, root, size, cfg)
     if cfg.cache:
-        from ..utils import atomic_torch_save
-
         d = {k: v for k, v in raw.__dict__.items() if v is not None}
         atomic_torch_save(d, path)  # atomic: concurrent runs never read a half-written cache
     return raw
+
+
+def _decode(info, root: Path | None, size: int, cfg: DataConfig) -> RawData:
+    """The dataset's loader; a data file refused by the safe unpickler is a ConfigError naming ``data.root``
+    and the file."""
+    import pickle
+
+    try:
+        return info.loader(root, size, cfg.channels)
+    except pickle.UnpicklingError as e:
+        raise ConfigError(f"data.root: {root}: {e}") from None
 
 
 def check_raw(cfg: DataConfig, raw: RawData, root: Path | None) -> None:

@@ -47,8 +47,12 @@ class SafeUnpickler(pickle.Unpickler):
 
 def safe_load(fh: BinaryIO, encoding: str = "latin1") -> Any:
     """``pickle.load`` restricted to numpy arrays and plain builtins; ``encoding`` as in ``pickle.load``
-    (latin1 reads Python 2 pickles such as the official CIFAR batches)."""
-    return SafeUnpickler(fh, encoding=encoding).load()
+    (latin1 reads Python 2 pickles such as the official CIFAR batches). A refusal names the file."""
+    try:
+        return SafeUnpickler(fh, encoding=encoding).load()
+    except pickle.UnpicklingError as e:
+        name = getattr(fh, "name", None)
+        raise pickle.UnpicklingError(f"{name}: {e}" if isinstance(name, str) else str(e)) from None
 
 
 def safe_loads(data: bytes, encoding: str = "latin1") -> Any:

@@ -70,8 +70,8 @@ class ResultsStore:
                 if "owner" not in cols:   # a store written before status updates carried an owner
                     db.execute("ALTER TABLE runs ADD COLUMN owner TEXT")
         except sqlite3.DatabaseError as e:
-            raise CorruptFileError(f"{self.path}: not a readable results store ({e}); move it away (its run folders "
-                                   f"keep metrics.json) or use another --out") from None
+            raise CorruptFileError(f"{self.path}: not a readable results store ({e}); rebuild it from its run "
+                                   f"folders' metrics.json with `splitveil store rebuild {self.path.parent}`") from None
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -114,6 +114,19 @@ class ResultsStore:
                              (metrics.get("accuracy"), json.dumps(metrics), time.time(), run_id, owner, owner))
             return cur.rowcount > 0
 
+    def delete(self, run_id: str) -> None:
+        with self._connect() as db:
+            db.execute("DELETE FROM runs WHERE run_id=?", (run_id,))
+
+    def restore(self, row: dict[str, Any]) -> None:
+        """Insert a row as it was (``rebuild``): ``metrics`` and ``config`` as dicts."""
+        cols = ("run_id", "status", "name", "dataset", "model", "cut", "defense", "seed", "accuracy", "metrics",
+                "config", "run_dir", "error", "started", "updated", "owner")
+        vals = [json.dumps(row[c]) if c in ("metrics", "config") and row.get(c) is not None else row.get(c)
+                for c in cols]
+        with self._connect() as db:
+            db.execute(f"INSERT OR REPLACE INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", vals)
+
     def get(self, run_id: str) -> dict[str, Any] | None:
         with self._connect() as db:
             row = db.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
@@ -133,6 +146,74 @@ class ResultsStore:
         for k in ("metrics", "config"):
             d[k] = json.loads(d[k]) if d.get(k) else None
         return d
+
+
+# -- rebuilding the store from the run folders ---------------------------------------------------------------
+CONFIG_FILE = "config.yaml"
+
+
+def row_from_folder(run_dir: Path) -> dict[str, Any] | None:
+    """The store row a run folder stands for: ``finished`` with its metrics when it holds ``metrics.json``,
+    ``interrupted`` (so that a rerun resumes from its checkpoints) when it holds only ``config.yaml``; None for
+    a folder that is no run (or whose files cannot be read: logged by the caller)."""
+    import yaml
+
+    cfg_f, met_f = run_dir / CONFIG_FILE, run_dir / METRICS_FILE
+    if not cfg_f.is_file():
+        return None
+    config = yaml.safe_load(cfg_f.read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_f}: not a run config")
+    metrics = json.loads(met_f.read_text()) if met_f.is_file() else None
+    if metrics is not None and metrics.get("run_id") not in (None, run_dir.name):
+        raise ValueError(f"{met_f}: belongs to run {metrics.get('run_id')}, not to its folder {run_dir.name}")
+    d = config.get("defense") or {}
+    names = d.get("name", "none") if isinstance(d, dict) else "none"
+    label = metrics.get("defense") if metrics else "+".join(names if isinstance(names, list) else [str(names)])
+    data, model = config.get("data") or {}, config.get("model") or {}
+    started = cfg_f.stat().st_mtime
+    return {"run_id": run_dir.name, "status": "finished" if metrics is not None else "interrupted",
+            "name": config.get("name"), "dataset": data.get("name"), "model": model.get("name"),
+            "cut": str(model.get("cut")), "defense": label, "seed": config.get("seed"),
+            "accuracy": metrics.get("accuracy") if metrics else None, "metrics": metrics, "config": config,
+            "run_dir": str(run_dir.resolve()), "started": started,
+            "updated": met_f.stat().st_mtime if metrics is not None else started, "owner": None,
+            "error": None if metrics is not None else "restored by `splitveil store rebuild`: not finished"}
+
+
+def rebuild_store(out: str | Path) -> dict[str, Any]:
+    """Rebuild ``<out>/results.sqlite`` from the run folders: a row per folder with ``config.yaml`` (finished
+    with its ``metrics.json``, else interrupted). The old store (with its -wal/-shm files) is moved aside as
+    ``results.sqlite.corrupt-<time>``, never deleted. Hold no run of ``out`` meanwhile. Returns
+    ``{"store", "moved", "finished", "interrupted", "skipped": {folder: why}}``."""
+    import yaml
+
+    folder = Path(out)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder of runs")
+    db = folder / DB_NAME
+    moved = None
+    if db.exists():
+        moved = db.with_name(f"{DB_NAME}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(db, moved)
+        for ext in ("-wal", "-shm"):
+            side = db.with_name(DB_NAME + ext)
+            if side.exists():
+                os.replace(side, moved.with_name(moved.name + ext))
+    store = ResultsStore(db)
+    counts = {"finished": 0, "interrupted": 0}
+    skipped: dict[str, str] = {}
+    for run_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            row = row_from_folder(run_dir)
+        except (OSError, ValueError, yaml.YAMLError) as e:   # json errors are ValueErrors
+            skipped[run_dir.name] = f"{type(e).__name__}: {e}"
+            continue
+        if row is None:
+            continue
+        store.restore(row)
+        counts[row["status"]] += 1
+    return {"store": str(db), "moved": str(moved) if moved else None, **counts, "skipped": skipped}
 
 
 # -- one lock per run: only one process runs a given run id in a given --out at a time ----------------------
