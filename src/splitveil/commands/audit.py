@@ -9,7 +9,8 @@ from . import command
 class AuditCommand:
     @staticmethod
     def add_arguments(p) -> None:
-        p.add_argument("run", nargs="?", help="a finished run's folder (its config.yaml and checkpoint.pt)")
+        p.add_argument("run", nargs="?", help="a finished run's folder (its config.yaml and checkpoint.pt), or "
+                                                "runs/<config name>: the one run of that name there")
         p.add_argument("--cuts", help="cut names or 1-based block indices, comma-separated, or 'all' (default: the "
                                       "trained cut; `splitveil blocks` lists them)")
         p.add_argument("--config", help="without a run folder: the config giving data, defense and attacks")
@@ -44,7 +45,7 @@ class AuditCommand:
             if args.config or args.weights or args.model:
                 raise ConfigError("audit: give a run folder, or --config with --weights (and --model), not both")
             tr = from_run(args.run, ov, args.device or "cpu")
-            out = Path(args.out) if args.out else Path(args.run).resolve().parent
+            out = Path(args.out) if args.out else tr.run_dir.resolve().parent
         else:
             if not (args.config and args.weights):
                 raise ConfigError("audit: give a run folder, or --config CONFIG --weights STATE_DICT [--model "

@@ -8,7 +8,8 @@ from . import command
 class ExportCommand:
     @staticmethod
     def add_arguments(p) -> None:
-        p.add_argument("run", help="a finished run's folder (its config.yaml and checkpoint.pt)")
+        p.add_argument("run", help="a finished run's folder (its config.yaml and checkpoint.pt), or "
+                                   "runs/<config name>: the one run of that name there")
         p.add_argument("--format", default="onnx", choices=["onnx", "torch.export"],
                        help="onnx (edge.onnx) or torch.export (edge.pt2); default onnx")
         p.add_argument("--out", help="the file to write (default: edge.onnx / edge.pt2 in the run folder)")

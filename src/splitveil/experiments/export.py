@@ -7,7 +7,7 @@ measured against.
   dynamic;
 - ``torch.export``: ``<run>/edge.pt2`` (``torch.export.save``; load with ``torch.export.load(f).module()``).
 
-Beside it ``edge.json`` records the input the edge expects (shape and the normalisation ``(x01 - mean) / std``
+Beside it ``<file>.json`` (``edge.onnx.json``) records the input the edge expects (shape and the normalisation ``(x01 - mean) / std``
 of [0, 1] images), the output shape, the defenses, the random operations found in the graph and the source
 checkpoint's SHA-256. :func:`check_export` compares the file with the eager edge: with onnxruntime for ONNX
 (the noise draws zeroed in both, since two random generators never agree), with the same seed for
@@ -25,7 +25,7 @@ import torch
 
 from ..params import ConfigError
 from ..utils import atomic_write_text
-from .trained import load_edge
+from .trained import load_edge, resolve_run_dir
 
 log = logging.getLogger("splitveil.export")
 
@@ -39,10 +39,10 @@ def _example(edge, batch: int = 2) -> torch.Tensor:
 
 def export_edge(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None) -> dict[str, Any]:
     """Write the run's edge in ``fmt`` (``onnx`` or ``torch.export``) to ``out`` (default ``<run>/edge.onnx`` or
-    ``<run>/edge.pt2``) with ``edge.json`` beside it; returns that metadata."""
+    ``<run>/edge.pt2``) with ``<file>.json`` beside it; returns that metadata (and ``path``)."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
-    run_dir = Path(run_dir)
+    run_dir = resolve_run_dir(run_dir)
     edge = load_edge(run_dir, "cpu")
     path = Path(out) if out else run_dir / FORMATS[fmt]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +72,7 @@ def export_edge(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None =
             "output": {"shape": ["batch", *edge.feature_shape], "dtype": "float32"},
             "defenses": edge.defenses.label, "random_ops": random_ops,
             "checkpoint_sha256": _checkpoint_sha(run_dir)}
-    atomic_write_text(path.with_suffix(".json") if path.suffix else Path(f"{path}.json"), json.dumps(meta, indent=2))
+    atomic_write_text(Path(f"{path}.json"), json.dumps(meta, indent=2))
     meta["path"] = str(path)
     return meta
 

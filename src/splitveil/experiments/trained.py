@@ -64,12 +64,30 @@ def restore(prep: pipeline.Prepared, state: dict[str, Any], where: str) -> None:
     prep.defenses.eval()
 
 
+def resolve_run_dir(path: str | Path) -> Path:
+    """``path`` itself when it is a run folder; otherwise the one finished run folder beside it whose name starts
+    with ``path``'s name and a dash (``runs/my-resnet18`` -> ``runs/my-resnet18-digits-...-s0-<hash>``): the run of
+    a config is found by its ``name``. Several matches are an error listing them."""
+    p = Path(path)
+    if (p / "config.yaml").is_file():
+        return p
+    parent = p.parent if str(p.parent) else Path(".")
+    found = sorted(d for d in parent.glob(f"{p.name}-*") if (d / "config.yaml").is_file()
+                   and (d / "checkpoint.pt").is_file() and not d.name.startswith("audit-"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ConfigError(f"{p}: not a run folder, and no run folder {p.name}-* with a checkpoint in {parent}")
+    raise ConfigError(f"{p}: {len(found)} run folders match ({', '.join(d.name for d in found[:5])}); give the one "
+                      "you mean")
+
+
 def load_trained(run_dir: str | Path, device: str | None = "cpu", overrides: list[str] | tuple[str, ...] = ()
                  ) -> TrainedRun:
     """The run in ``run_dir`` (its ``config.yaml`` and ``checkpoint.pt``) rebuilt with its trained weights.
     ``device``: where to load it (None: the config's); ``overrides``: ``--set`` assignments for the config
     (attacks, eval, seed: what does not change the model)."""
-    run_dir = Path(run_dir)
+    run_dir = resolve_run_dir(run_dir)
     cfg_file, ckpt = run_dir / "config.yaml", run_dir / "checkpoint.pt"
     if not cfg_file.is_file():
         raise ConfigError(f"{run_dir}: not a run folder (no config.yaml)")
@@ -92,6 +110,7 @@ def load_edge(run_dir: str | Path, device: str = "cpu") -> Edge:
     defenses' inference transform (noise included), frozen, in eval mode. Attributes: ``input_shape``,
     ``feature_shape``, ``mean`` / ``std`` (the normalisation its input expects), ``run_id``."""
     tr = load_trained(run_dir, device)
+    run_dir = tr.run_dir
     edge = tr.edge()
     edge.input_shape = tuple(tr.prep.data.image_shape)
     edge.feature_shape = tuple(tr.prep.model.feature_shape)
