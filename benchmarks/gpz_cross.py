@@ -10,8 +10,11 @@ the GPZ reflect the attacker's prior rather than the private input. A reconstruc
 inputs, then one row per (cut, prior).
 
     python benchmarks/gpz_cross.py [--data-root ../shared/data] [--fashion-root /usr/share/datasets] [--threads 1]
+    python benchmarks/gpz_cross.py --from-json benchmarks/results/gpz_cross.json     # regenerate gpz_cross.md
 
-Writes <out>/gpz_cross.md, gpz_cross.json and gpz_cross_<victim>.png (default out: benchmarks/results); the
+Per cut it also records the probe (R_c^2, tr(Sigma), the scale-free within-class fraction R_c^2 / tr(Sigma)) and
+per attack MSE / mean-image baseline. Writes <out>/gpz_cross.md (generated from the export), gpz_cross.json and
+gpz_cross_<victim>.png + .pdf (300 dpi) (default out: benchmarks/results); the
 trained victims are kept under <out>/runs and reused.
 """
 from __future__ import annotations
@@ -68,21 +71,30 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--from-json", help="re-read an export (gpz_cross.json): regenerate gpz_cross.md only")
     args = p.parse_args()
+    if args.from_json:
+        text = render(json.loads(Path(args.from_json).read_text()),
+                      f"Re-read from the export `{args.from_json}` by `python benchmarks/gpz_cross.py "
+                      + " ".join(sys.argv[1:]) + "`; the numbers are from the run that wrote it.")
+        (Path(args.out) / "gpz_cross.md").write_text(text)
+        print(text)
+        return 0
     args.root = {"mnist": args.data_root, "fashion_mnist": args.fashion_root}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
 
     from splitveil.data.build import build_data
     from splitveil.experiments import config_from_dict, pipeline
     from splitveil.experiments.gpz import GPZSweep, parse_cuts
-    from splitveil.results.figures import save_recon_grid
+    from splitveil.report.gpz_plots import save
+    from splitveil.results.figures import image_grid
 
     out_dir = Path(args.out)
     t0 = time.time()
     rows, md = [], []
     for victim, other in OTHER.items():
         cfg = config_from_dict(tree(args, victim))
-        sweep = GPZSweep(cfg, out_dir / "runs", probe_images=64).prepare()
+        sweep = GPZSweep(cfg, out_dir / "runs", probe_images=args.test_size).prepare()
         data = sweep.data
         # the other dataset's training images at the victim's size and channels (aux_size of them, seeded)
         other_aux = build_data(dataclasses.replace(cfg.data, aux={"name": other, "root": args.root[other]}),
@@ -93,6 +105,7 @@ def main() -> int:
         originals = None
         for k in parse_cuts(args.cuts, sweep.block_names):
             block = sweep.block_names[k - 1]
+            probe = sweep.probe(k)     # R_c^2, tr(Sigma) and the scale-free within-class fraction at this cut
             for prior, aux in priors.items():
                 work = out_dir / "runs" / f"cross-{victim}-{block}-{prior}"
                 work.mkdir(parents=True, exist_ok=True)
@@ -108,39 +121,69 @@ def main() -> int:
                        "mse": res.attacks[name].mse, "mse_check": float(to_input.mean()),
                        "nearest_prior_mse": float(to_prior.mean()), "closer_to_prior_share": closer,
                        "baseline_mse": res.worst_case.baseline_mse if res.worst_case else None,
-                       "weak": bool(res.worst_case and res.worst_case.weak_attacks)}
+                       "weak": bool(res.worst_case and res.worst_case.weak_attacks),
+                       **{key: probe[key] for key in ("rc2_mean", "rc2_ci95", "total_variance", "total_ci95",
+                                                      "within_fraction", "frac_ci95")}}
                 rows.append(row)
                 print(f"[cross] {victim} {block} prior {prior}: mse {row['mse']:.4f} nearest-prior "
                       f"{row['nearest_prior_mse']:.4f} closer-to-prior {closer:.0%} ({time.time() - t0:.0f} s)",
                       flush=True)
                 originals = x01[:8]
                 grid[f"{block}, attacker on {prior}"] = x_hat[:8]
-        save_recon_grid(out_dir / f"gpz_cross_{victim}.png", originals, grid,
-                        f"victim {victim} (vgg11_bn x0.5, accuracy {sweep.accuracy:.3f}): inverse network by prior")
+        fig = image_grid([("original", originals), *grid.items()], n=originals.shape[0])
+        save(fig, out_dir / f"gpz_cross_{victim}.png",
+             f"victim {victim} (vgg11_bn x0.5, accuracy {sweep.accuracy:.3f}): inverse network by prior")
     wall = time.time() - t0
-    md.append("# Cross-dataset attackers (GPZ paper's prior experiment), CPU budget\n")
-    md.append(f"Victim: vgg11_bn x0.5 trained on {args.train_size} images of its dataset, {args.epochs} epochs Adam "
-              f"1e-3, seed {args.seed}; attack: inverse network at its default budget, fitted on {args.aux_size} "
-              f"aux images of the victim's own dataset or of the other one (same victim, same {args.test_size} test "
-              f"images). {args.threads} thread(s); wall time {wall:.0f} s. Per-element MSE on [0, 1] images.\n")
-    md.append("Command: `python benchmarks/gpz_cross.py " + " ".join(sys.argv[1:]) + "`\n")
-    md.append("| victim (accuracy) | cut | attacker's prior | MSE to the input | mean-image baseline MSE | "
-              "MSE to the nearest prior image | reconstructions closer to a prior image than to the input |")
-    md.append("|---|---|---|---|---|---|---|")
+    argd = {k: v for k, v in vars(args).items() if k != "from_json"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gpz_cross.json").write_text(json.dumps({"args": argd, "rows": rows, "wall_s": wall,
+                                                        "command": "python benchmarks/gpz_cross.py "
+                                                                   + " ".join(sys.argv[1:])}, indent=1, default=str))
+    text = render(json.loads((out_dir / "gpz_cross.json").read_text()))
+    (out_dir / "gpz_cross.md").write_text(text)
+    print(text)
+    return 0
+
+
+def render(export: dict, source: str | None = None) -> str:
+    """gpz_cross.md from the export: per (victim, cut, prior) the MSE, the mean-image baseline, MSE / baseline (the
+    fraction of the way from a perfect reconstruction to the baseline) and, where the export holds them, the probe
+    at the cut (R_c^2, tr(Sigma) and the scale-free within-class fraction R_c^2 / tr(Sigma))."""
+    a, rows = export["args"], export["rows"]
+    probe = all("within_fraction" in r for r in rows)
+    md = ["# Cross-dataset attackers (GPZ paper's prior experiment), CPU budget\n"]
+    if source:
+        md.append(source + "\n")
+    wall = f"; wall time {export['wall_s']:.0f} s" if export.get("wall_s") else ""
+    md.append(f"Victim: vgg11_bn x0.5 trained on {a['train_size']} images of its dataset, {a['epochs']} epochs Adam "
+              f"1e-3, seed {a['seed']}; attack: inverse network at its default budget, fitted on {a['aux_size']} "
+              f"aux images of the victim's own dataset or of the other one (same victim, same {a['test_size']} test "
+              f"images). {a['threads']} thread(s){wall}. Per-element MSE on [0, 1] images. MSE / baseline: the "
+              "fraction of the way from a perfect reconstruction (0) to the mean image of the attacker's data (1).\n")
+    md.append(f"Command: `{export['command']}`\n" if export.get("command") else
+              "Command: not recorded in this export (docs/gpz.md gives `python benchmarks/gpz_cross.py --threads 1`).\n")
+    head = ["victim (accuracy)", "cut", "attacker's prior", "MSE to the input", "mean-image baseline MSE",
+            "MSE / baseline", "MSE to the nearest prior image", "reconstructions closer to a prior image than to the input"]
+    if probe:
+        head += ["R_c^2", "tr(Sigma)", "within-class fraction [95% CI]"]
+    md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        md.append(f"| {r['victim']} ({r['accuracy']:.3f}) | {r['cut']} {r['block']} | {r['prior']}"
-                  f"{' (own)' if r['prior'] == r['victim'] else ' (other)'} | {r['mse']:.4f}"
-                  f"{' (weak: not below baseline)' if r['weak'] else ''} | {r['baseline_mse']:.4f} | "
-                  f"{r['nearest_prior_mse']:.4f} | {r['closer_to_prior_share']:.0%} |")
+        cells = [f"{r['victim']} ({r['accuracy']:.3f})", f"{r['cut']} {r['block']}",
+                 r["prior"] + (" (own)" if r["prior"] == r["victim"] else " (other)"),
+                 f"{r['mse']:.4f}" + (" (weak: not below baseline)" if r["weak"] else ""), f"{r['baseline_mse']:.4f}",
+                 f"{r['mse'] / r['baseline_mse']:.3f}", f"{r['nearest_prior_mse']:.4f}", f"{r['closer_to_prior_share']:.0%}"]
+        if probe:
+            ci = r.get("frac_ci95")
+            cells += [f"{r['rc2_mean']:.4g}", f"{r['total_variance']:.4g}",
+                      f"{r['within_fraction']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")]
+        md.append("| " + " | ".join(cells) + " |")
     md.append("")
+    if not probe:
+        md.append("This export holds no probe values (no R_c^2 or tr(Sigma) per cut): the scale-free within-class "
+                  "fraction cannot be read from it; a rerun of the script records it.\n")
     md.append("Grids: " + ", ".join(f"`gpz_cross_{v}.png`" for v in OTHER) + " (top row: inputs; then one row per "
               "cut and prior).")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gpz_cross.md").write_text("\n".join(md) + "\n")
-    (out_dir / "gpz_cross.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()},
-                                                        "rows": rows}, indent=1, default=str))
-    print("\n".join(md))
-    return 0
+    return "\n".join(md) + "\n"
 
 
 if __name__ == "__main__":
