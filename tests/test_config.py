@@ -84,3 +84,25 @@ def test_cli_list_and_blocks(capsys):
     assert main(["blocks", "vgg11_bn", "--input", "3,32,32"]) == 0
     out = capsys.readouterr().out
     assert "| 2 | conv2 | (128, 8, 8) | 32,768 |" in out
+
+
+def test_thread_policy_default_one_explicit_and_auto_under_load():
+    """threads: null -> 1 (never slower than one thread on a busy machine, and independent of the load);
+    N -> N; auto -> the idle cores, so with every core kept busy by other processes it is 1."""
+    import os
+    import subprocess
+    import sys
+
+    from splitveil.experiments.config import idle_cores, resolve_threads, usable_cores
+
+    assert resolve_threads(None) == 1 and resolve_threads(3) == 3
+    assert 1 <= idle_cores() <= min(8, usable_cores())
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        import time
+        time.sleep(0.5)
+        assert resolve_threads("auto") == 1
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()

@@ -49,8 +49,8 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     progress: bool = True           # progress bars on stderr
-    threads: int | None = None      # torch CPU threads of the run; null: min(8, cores of this machine), the
-                                    # same for every run here whatever the sweep's workers (recorded in metrics)
+    threads: int | str | None = None  # torch CPU threads of the run: N, null (= 1, see resolve_threads) or auto (the
+    #                                   cores idle when the run starts); the same whatever a sweep's workers; recorded
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -73,7 +73,8 @@ class RunConfig:
                 f"'{self.device}' is not auto, cpu, cuda or cuda:N")
         require(0 <= self.seed <= MAX_SEED, "seed", f"{self.seed} is outside 0..{MAX_SEED} (2**62; the seeds derived "
                                                    "from it must fit the 64-bit generators)")
-        require(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")
+        require(self.threads is None or self.threads == "auto" or (isinstance(self.threads, int) and self.threads >= 1),
+                "threads", f"{self.threads!r}: expected a count >= 1, auto or null")
         from ..tracking import validate_tracking
 
         validate_tracking(self.tracking)
@@ -152,15 +153,58 @@ def canonical_data_root(data: DataConfig) -> str | None:
         return os.path.abspath(os.path.expanduser(data.root)) if data.root else None
 
 
-def resolve_threads(threads: int | None) -> int:
-    """The torch thread count of a run: ``threads`` or min(8, the cores this process may use)."""
+def resolve_threads(threads: int | str | None) -> int:
+    """The torch thread count of a run.
+
+    - ``N``: N threads, whatever the machine is doing.
+    - ``null`` (the default): 1. Measured on the project's 2-core machine (benchmarks/results/run_cost.md,
+      ``contention``): with other processes running, the quickstart took 96 s at 2 threads and 42 s at 1 (2.3x
+      slower; OpenMP's passive wait policy made 2 threads worse still, 265 s), because every parallel region waits
+      for the thread that shares its core. One thread is never that slow, and a run's numbers do not depend on
+      the load when it started (CPU results depend on the thread count). On an idle machine more threads are
+      faster (training steps 1.4-1.7x at 2 threads: benchmarks/results/throughput.md): ask for them, or for ``auto``.
+    - ``auto``: the cores idle when the run starts (min 1, max 8), measured over 0.2 s from /proc/stat (Linux;
+      elsewhere min(8, cores)); a rerun under another load may pick another count, so its numbers can differ in
+      the last digits."""
+    if threads == "auto":
+        return idle_cores()
     if threads:
         return int(threads)
+    return 1
+
+
+def usable_cores() -> int:
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
+        return os.cpu_count() or 1
+
+
+def idle_cores(window_s: float = 0.2) -> int:
+    """The cores not busy with other work right now (this process is idle while it measures), in 1..min(8, cores)."""
+    import time
+
+    cores = usable_cores()
+
+    def sample() -> tuple[int, int] | None:
+        try:
+            f = open("/proc/stat").readline().split()
+        except OSError:
+            return None
+        vals = [int(v) for v in f[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        return idle, sum(vals)
+    a = sample()
+    if a is None:
+        return max(1, min(8, cores))
+    time.sleep(window_s)
+    b = sample()
+    total = b[1] - a[1]
+    if total <= 0:
+        return max(1, min(8, cores))
+    machine_cores = os.cpu_count() or cores
+    busy = machine_cores * (1 - (b[0] - a[0]) / total)
+    return max(1, min(8, cores, int(machine_cores - busy + 0.3)))
 
 
 def parse_value(text: str, field: str = "value") -> Any:
