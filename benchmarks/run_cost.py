@@ -11,6 +11,7 @@ machine hits them alike; the load average is recorded before and after every run
     python benchmarks/run_cost.py paper --rounds 1                            # the study protocol, scaled down
     python benchmarks/run_cost.py contention --rounds 2                       # threads with one busy core
     python benchmarks/run_cost.py datapath                                    # one epoch of batches, no model
+    python benchmarks/run_cost.py utilisation                                 # achieved GFLOP/s against the peak
 
 ``paper`` runs configs/cifar10_vgg11_cem_paper_cpu.yaml scaled down (``--train-images``, 1 training epoch, 1
 epoch of each attack) and reports the per-unit costs (seconds per training epoch of 40,000 images, per attack
@@ -211,6 +212,89 @@ def mode_datapath(args) -> None:
     print(f"data path: {n} images in {s:.2f} s ({n / s:.0f} img/s)")
 
 
+def mode_utilisation(args) -> None:
+    """Achieved GFLOP/s of the study model's training step and of the inverse network's fit step (FLOPs counted by
+    torch.utils.flop_counter, a multiply-add = 2) against this machine's measured peak: a bf16 / fp32 matmul
+    (2048^3) and a 3x3 convolution (128 -> 128 channels, 16x16, batch 256, channels-last), best of 5."""
+    sys.path.insert(0, str(Path(args.repo).resolve() / "src"))
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from splitveil.attacks.inverse_network import InverseNetworkAttack, InverseNetworkParams
+    from splitveil.models import ModelConfig, build_split_model
+    from splitveil.runtime import tune_allocator
+
+    tune_allocator()
+    torch.set_num_threads(args.threads)
+
+    def best(fn, reps=5):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return min(ts)
+
+    out = {"threads": args.threads, "load": loadavg()}
+    for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        a, b = torch.randn(2048, 2048).to(dt), torch.randn(2048, 2048).to(dt)
+        out[f"peak_matmul_{name}"] = 2 * 2048 ** 3 / best(lambda: a @ b) / 1e9
+        x = torch.randn(256, 128, 16, 16).to(dt).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(128, 128, 3, 3).to(dt).contiguous(memory_format=torch.channels_last)
+        out[f"peak_conv_{name}"] = 2 * 256 * 128 * 128 * 9 * 256 / best(lambda: F.conv2d(x, w, padding=1)) / 1e9
+
+    def measured(model_step):
+        fc = FlopCounterMode(display=False)
+        with fc:
+            model_step()
+        return fc.get_total_flops() / best(model_step, 3) / 1e9
+
+    for prec in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        m = build_split_model(ModelConfig(name="vgg11_bn", width=1.0, cloud_width=0.5, cut="conv2", bottleneck_channels=8,
+                                          bottleneck_norm=False, bottleneck_act="none", sigmoid=True), 10, (3, 32, 32))
+        cl = prec == "bf16"
+        if cl:
+            m = m.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(m.parameters(), lr=0.02, momentum=0.9, weight_decay=5e-4)
+        xb = torch.randn(128, 3, 32, 32)
+        xb = xb.contiguous(memory_format=torch.channels_last) if cl else xb
+        yb = torch.randint(0, 10, (128,))
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cl):
+                logits = m(xb)
+            loss = F.cross_entropy(logits.float(), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        out[f"train_step_{prec}"] = measured(step)
+        dec = InverseNetworkAttack(InverseNetworkParams(channels=128), show_progress=False).build_decoder((8, 8, 8), (3, 32, 32))
+        if cl:
+            dec = dec.to(memory_format=torch.channels_last)
+        dopt = torch.optim.AdamW(dec.parameters(), 1e-3)
+        z = torch.rand(128, 8, 8, 8)
+        z = z.contiguous(memory_format=torch.channels_last) if cl else z
+        tgt = torch.rand(128, 3, 32, 32)
+
+        def dstep():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cl):
+                xh = dec(z)
+            loss = F.mse_loss(xh.float(), tgt)
+            dopt.zero_grad(set_to_none=True)
+            loss.backward()
+            dopt.step()
+        out[f"attack_step_{prec}"] = measured(dstep)
+    for prec in ("fp32", "bf16"):
+        for what in ("train_step", "attack_step"):
+            out[f"{what}_{prec}_of_conv_peak"] = out[f"{what}_{prec}"] / out[f"peak_conv_{prec}"]
+    record(f"utilisation/{args.label}", out)
+    for k, v in out.items():
+        print(k, v)
+
+
 # -- the markdown ------------------------------------------------------------------------------------------------
 def fmt(v, nd=1) -> str:
     return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
@@ -250,6 +334,15 @@ def write_md() -> Path:
                                  f"one evaluation of 10,000 test images {fmt(v.get('eval_10k_s'))} s; projected full "
                                  f"protocol (20 epochs, 25 evaluations, 16 + 3 attack epochs) "
                                  f"{fmt((v.get('projected_full_run_s') or 0) / 60)} min")
+        elif kind == "utilisation":
+            lines.append("| GFLOP/s | fp32 | bf16 |")
+            lines.append("|---|---|---|")
+            for what in ("peak_matmul", "peak_conv", "train_step", "attack_step"):
+                lines.append(f"| {what} | {fmt(sec.get(what + '_fp32'))} | {fmt(sec.get(what + '_bf16'))} |")
+            for what in ("train_step", "attack_step"):
+                lines.append(f"- {what}: {100 * sec[what + '_fp32_of_conv_peak']:.0f}% of the fp32 conv peak, "
+                             f"{100 * sec[what + '_bf16_of_conv_peak']:.0f}% of the bf16 conv peak "
+                             f"({sec['threads']} thread(s), load {sec['load']})")
         elif kind == "datapath":
             lines.append(f"- one epoch of training batches: {sec['images']} images in {sec['seconds']:.1f} s "
                          f"({sec['images_per_s']:.0f} images/s), {sec['threads']} thread(s), load {sec['load']}")
@@ -262,7 +355,7 @@ def write_md() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("mode", nargs="?", choices=["quickstart", "paper", "contention", "datapath"])
+    ap.add_argument("mode", nargs="?", choices=["quickstart", "paper", "contention", "datapath", "utilisation"])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--precisions", nargs="+", default=["fp32", "auto"])
     ap.add_argument("--threads", type=int, default=1)
@@ -277,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.mode:
         {"quickstart": mode_quickstart, "paper": mode_paper, "contention": mode_contention,
-         "datapath": mode_datapath}[args.mode](args)
+         "datapath": mode_datapath, "utilisation": mode_utilisation}[args.mode](args)
     if args.md or args.mode:
         write_md()
     return 0
