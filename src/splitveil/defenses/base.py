@@ -246,9 +246,13 @@ class DefenseStack(nn.Module):
         for d in self.defenses:
             d.check_training(c)
 
-    def transform(self, z: torch.Tensor, training: bool) -> torch.Tensor:
+    def transform(self, z: torch.Tensor, training: bool,
+                  observe: "Callable[[str, torch.Tensor], None] | None" = None) -> torch.Tensor:
+        """Every defense's transform in order; ``observe(name, output)`` (read-only) after each."""
         for d in self.defenses:
             z = d.transform(z, training)
+            if observe is not None:
+                observe(d.name, z)
         return z
 
     def loss(self, step: StepContext) -> dict[str, torch.Tensor]:

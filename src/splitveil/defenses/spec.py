@@ -99,7 +99,9 @@ class DefenseSpec(Mapping):
         entries = []
         for n in names:
             params_cls = DEFENSES.get(n).Params
-            entries.append(DefenseEntry(n, coerce(params_cls, per[n], f"{path}.{n}")))
+            params = coerce(params_cls, per[n], f"{path}.{n}")
+            _check_float32(params, lambda k, n=n: f"{path}.{n}.{k}" if k in scoped.get(n, {}) else f"{path}.{k}")
+            entries.append(DefenseEntry(n, params))
         out = cls(entries, raw)
         out.build()   # the composition rules (conflicts, capabilities): a ConfigError now, not at training
         return out
@@ -144,6 +146,19 @@ class DefenseSpec(Mapping):
 
     def __deepcopy__(self, memo: dict) -> "DefenseSpec":
         return DefenseSpec(self.entries, self._raw)
+
+
+FLOAT32_MAX = 3.4028234663852886e38   # torch.finfo(torch.float32).max, without importing torch here
+
+
+def _check_float32(params: Any, where) -> None:
+    """Every number of a defense's parameters (also inside lists) is finite and representable in float32, the
+    precision the defenses compute in: a ConfigError naming the field as written (``where(key)``) otherwise."""
+    for key, value in vars(params).items():
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(v, float) and not (abs(v) <= FLOAT32_MAX):   # also NaN
+                raise ConfigError(f"{where(key.rstrip('_'))}: {v!r} is not a finite float32 number (at most "
+                                  f"{FLOAT32_MAX:.4g} in magnitude): the defense computes in float32")
 
 
 def build_defenses(spec: Mapping[str, Any] | DefenseSpec | None) -> DefenseStack:

@@ -60,7 +60,23 @@ class TrainConfig:
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or Inf loss, parameter or buffer; the message names it (and ``train.lr``)."""
+    """Training produced a NaN or Inf loss, parameter or buffer; the message names it and the cause: ``train.lr``,
+    or the defense (and its parameters) whose transmitted features blew up."""
+
+
+class TrainingDivergedError(NonFiniteLossError):
+    """Training diverged while every number stayed finite: the task loss rose far above its starting scale, or the
+    weights or the BN statistics grew by orders of magnitude (see :meth:`Trainer.check_divergence`)."""
+
+
+# divergence thresholds (Trainer.check_divergence); a healthy run stays far inside all of them
+LOSS_FACTOR = 3.0         # an epoch's mean task loss above LOSS_FACTOR x ln(classes) (chance is ln C) ...
+FIRST_LOSS_FACTOR = 3.0   # ... and above FIRST_LOSS_FACTOR x the first epoch's mean task loss
+WEIGHT_GROWTH = 1e3       # the parameters' L2 norm above WEIGHT_GROWTH x its value at initialisation
+BUFFER_GROWTH = WEIGHT_GROWTH ** 2   # a BN statistic (a variance: weights squared) above this x its initial peak
+# a defense whose output exceeds its input's peak (at least 1) by this factor, or is not finite, is named as the
+# cause when the loss then becomes non-finite (float32 squares overflow from ~1.8e19)
+DEFENSE_BLOWUP = 1e6
 
 
 class Trainer:
@@ -77,7 +93,6 @@ class Trainer:
     (progress bar, non-finite check) and at the end of the epoch."""
 
     run_id: str | None = None   # when set: stored in checkpoints, and a checkpoint of another run is refused
-    on_epoch: Any = None        # when set: called as on_epoch(epoch, stats) after every epoch (tracking)
     on_epoch: Any = None        # when set: called as on_epoch(epoch, stats) after every epoch (tracking)
 
     def __init__(self, model: SplitModel, defenses: DefenseStack, data: DataBundle, cfg: TrainConfig,
@@ -100,6 +115,10 @@ class Trainer:
         # wall seconds of this session's training by part: steps (batches, forward/backward, the defenses'
         # epoch hooks), the per-epoch test evaluation, the checkpoints (benchmarks/run_cost.py reads them)
         self.seconds: dict[str, float] = {"steps": 0.0, "eval": 0.0, "checkpoint": 0.0}
+        # the scale of the weights and BN statistics before training (a resumed run rebuilds the same model from
+        # the same seed first, so it gets the same reference): divergence is judged against it
+        self.initial_scale = self.scale()
+        self._peaks: dict[str, torch.Tensor] = {}   # stage -> running max |output| (encoder, then each defense)
 
     # -- optimisation ---------------------------------------------------------------------------------
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -174,7 +193,8 @@ class Trainer:
             with amp.autocast():
                 z = self.model.encoder(amp.input(x))
             z = z.float().contiguous()  # defenses see float32 features in the default layout
-            z_sent = self.defenses.transform(z, training=True)
+            self._observe("encoder", z)
+            z_sent = self.defenses.transform(z, training=True, observe=self._observe)
             with amp.autocast():
                 logits = self.model.decoder(z_sent)
             logits = logits.float()
@@ -206,8 +226,73 @@ class Trainer:
         for k, v in means.items():
             if k.startswith("loss.") and not math.isfinite(v):
                 raise NonFiniteLossError(f"loss term '{k[5:]}' became {v} in epoch {epoch + 1}, at a step in "
-                                         f"[{first_step}, {self.global_step - 1}]; training diverged: lower train.lr (now {self.cfg.lr:g})")
+                                         f"[{first_step}, {self.global_step - 1}]; {self.blame()}")
         return means
+
+    # -- divergence ---------------------------------------------------------------------------------------
+    def _observe(self, stage: str, t: torch.Tensor) -> None:
+        """Keep the running max |value| of what ``stage`` (the encoder, then each defense) output; on the device,
+        no host sync (read only when training failed, to name the cause)."""
+        peak = torch.linalg.vector_norm(t.detach(), ord=math.inf).float()
+        prev = self._peaks.get(stage)
+        self._peaks[stage] = peak if prev is None else torch.maximum(prev, peak)   # NaN propagates
+
+    def blame(self) -> str:
+        """The likely cause of a non-finite loss or state, as advice naming the config field: the first defense
+        whose transmitted features were not finite or far larger than its input (its parameters named), else
+        ``train.lr``."""
+        peaks = {k: float(v) for k, v in self._peaks.items()}
+        before = peaks.get("encoder")
+        for d in self.defenses:
+            out = peaks.get(d.name)
+            if out is None or before is None:
+                continue
+            if math.isfinite(before) and (not math.isfinite(out) or out > DEFENSE_BLOWUP * max(1.0, before)):
+                params = ", ".join(f"defense.{k}={v:g}" for k, v in vars(d.params).items()
+                                   if isinstance(v, (int, float)) and not isinstance(v, bool))
+                return (f"the defense '{d.name}' sent features of magnitude {out:.3g} (its input at most {before:.3g}), "
+                        f"which overflow float32 in the layers after it: lower its parameters ({params or 'none'})")
+            before = out
+        return f"training diverged: lower train.lr (now {self.cfg.lr:g})"
+
+    def scale(self) -> dict[str, float]:
+        """``weights``: the L2 norm of every trainable parameter (model and defenses) together; ``bn``: the largest
+        |value| of the model's floating-point buffers (BN running means and variances)."""
+        with torch.no_grad():
+            norms = [torch.linalg.vector_norm(p.detach().float()) for p in self.parameters()]
+            peaks = [torch.linalg.vector_norm(b.detach().float(), ord=math.inf) for b in self.model.buffers()
+                     if b.is_floating_point() and b.numel()]
+            weights = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+            bn = float(torch.stack(peaks).max()) if peaks else 0.0
+        return {"weights": weights, "bn": bn}
+
+    def check_divergence(self, stats: dict[str, float]) -> None:
+        """Raise :class:`TrainingDivergedError` (naming ``train.lr``) when this epoch shows divergence while every
+        number is finite: its mean task loss is above both ``LOSS_FACTOR`` x ln C (a model that learned nothing
+        sits at ln C) and ``FIRST_LOSS_FACTOR`` x the first epoch's, or the weights' norm grew more than
+        ``WEIGHT_GROWTH`` times (the BN statistics more than ``BUFFER_GROWTH`` times) since initialisation."""
+        lr = f"lower train.lr (now {self.cfg.lr:g}, train.optimizer {self.cfg.optimizer})"
+        task = stats.get("loss.task")
+        classes = int(getattr(self.data, "num_classes", 0) or 0)
+        first = self.history[0].get("loss.task") if self.history else None   # None: this is the first epoch
+        if task is not None and classes >= 2:
+            chance = LOSS_FACTOR * math.log(classes)
+            limit = max(chance, FIRST_LOSS_FACTOR * first) if first is not None else chance
+            if task > limit:
+                since = (f" and {FIRST_LOSS_FACTOR:g} x the first epoch's {first:.4g}" if first is not None else "")
+                raise TrainingDivergedError(
+                    f"training diverged: the mean task loss of epoch {self.epoch} is {task:.4g}, above {limit:.4g} "
+                    f"({LOSS_FACTOR:g} x ln {classes} = {chance:.3g}: a model that learned nothing sits at ln "
+                    f"{classes}{since}); {lr}")
+        now, init = self.scale(), self.initial_scale
+        if init["weights"] > 0 and now["weights"] > WEIGHT_GROWTH * init["weights"]:
+            raise TrainingDivergedError(
+                f"training diverged: the weights' norm grew from {init['weights']:.4g} at initialisation to "
+                f"{now['weights']:.4g} after epoch {self.epoch} (more than {WEIGHT_GROWTH:g}x); {lr}")
+        if now["bn"] > BUFFER_GROWTH * max(1.0, init["bn"]):
+            raise TrainingDivergedError(
+                f"training diverged: the BN statistics reached {now['bn']:.4g} after epoch {self.epoch} (more than "
+                f"{BUFFER_GROWTH:g}x their initial {max(1.0, init['bn']):.4g}); {lr}")
 
     @torch.no_grad()
     def evaluate(self, split: str = "test", batch_size: int = 256) -> float:
@@ -240,6 +325,7 @@ class Trainer:
             stats = self.train_epoch()
             self.seconds["steps"] += clock() - t
             self._check_finite_state()
+            self.check_divergence(stats)   # finite but diverged: never recorded as a finished run
             stats["epoch"] = self.epoch
             t = clock()
             stats["test_accuracy"] = self.evaluate("test")
@@ -247,8 +333,6 @@ class Trainer:
             stats["lr"] = self.optimizer.param_groups[0]["lr"]
             self.history.append(stats)
             log.info("epoch %d: %s", self.epoch, {k: round(v, 4) for k, v in stats.items()})
-            if self.on_epoch is not None:
-                self.on_epoch(self.epoch, {k: v for k, v in stats.items() if k != "epoch"})
             if self.on_epoch is not None:
                 self.on_epoch(self.epoch, {k: v for k, v in stats.items() if k != "epoch"})
             if self.ckpt_path:
@@ -262,8 +346,7 @@ class Trainer:
                  *self.defenses.named_buffers()]
         for name, t in named:
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise NonFiniteLossError(f"training diverged: '{name}' is not finite after epoch {self.epoch}; "
-                                         f"lower train.lr (now {self.cfg.lr:g})")
+                raise NonFiniteLossError(f"'{name}' is not finite after epoch {self.epoch}; {self.blame()}")
 
     # -- checkpoints (loaded with weights_only=True: no arbitrary unpickling) ----------------------------
     def state(self) -> dict[str, Any]:
