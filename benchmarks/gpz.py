@@ -58,7 +58,7 @@ def budget(args) -> dict:
 
 def budget_text(tree: dict, attack_cuts: str, probe_images: int) -> str:
     d, t, m = tree["data"], tree["train"], tree["model"]
-    return (f"{d['name']} {d.get('image_size') or 'native'} px, {m['name']} x{m.get('width', 1.0)}, "
+    return (f"{d['name']} {str(d['image_size']) + ' px' if d.get('image_size') else '(native size)'}, {m['name']} x{m.get('width', 1.0)}, "
             f"{d.get('train_size') or 'all'} train{' (augmented)' if d.get('augment') else ''} / "
             f"{d.get('test_size') or 'all'} test / {d.get('aux_size')} aux images, {t['epochs']} epochs "
             f"{t['optimizer']} lr {t['lr']} ({t.get('schedule', 'constant')}); attack suite {tree.get('attacks')} at cuts "
@@ -118,12 +118,27 @@ def estimate(args, tree: dict) -> dict:
     specs = full.attack_params() or {"inverse_network": coerce(ATTACKS.get("inverse_network").Params, {})}
     att_epochs = {n: int(getattr(p, "epochs", 1)) for n, p in specs.items()}
     t1["attacks"] = {n: {**((tree.get("attacks") or {}).get(n) or {}), "epochs": 1} for n in specs}
+    from splitveil.experiments import pipeline
+
     load0 = os.getloadavg()
+    spent: dict[str, float] = {}
+    real_prepare_data = pipeline.prepare_data
+
+    def timed_data(*a, **k):                          # the data split, timed apart from the training epoch
+        t = time.time()
+        out = real_prepare_data(*a, **k)
+        spent["data"] = time.time() - t
+        return out
     with tempfile.TemporaryDirectory() as tmp:
         sweep = GPZSweep(config_from_dict(t1), tmp, probe_images=args.probe_images)
-        t = time.time()
-        sweep.prepare()
-        t_prepare = time.time() - t                  # data + one training epoch + accuracy
+        pipeline.prepare_data = timed_data
+        try:
+            t = time.time()
+            sweep.prepare()
+            t_prepare = time.time() - t              # data + one training epoch + accuracy
+        finally:
+            pipeline.prepare_data = real_prepare_data
+        t_data = spent.get("data", 0.0)
         cuts = parse_cuts(args.attack_cuts, sweep.block_names)
         t = time.time()
         sweep.probe(cuts[0])
@@ -134,13 +149,16 @@ def estimate(args, tree: dict) -> dict:
     n_cuts = len(sweep.block_names) - 1
     forms = len([f for f in args.forms.split(",") if f.strip()])
     seeds = len(args.seeds.split(","))
-    per_sweep = (full.train.epochs * t_prepare + n_cuts * t_probe + len(cuts) * t_attack * max(att_epochs.values()))
-    return {"train_epoch_s_incl_data": t_prepare, "probe_s": t_probe, "attack_epoch_s": t_attack,
+    t_epoch = t_prepare - t_data
+    per_sweep = (t_data + full.train.epochs * t_epoch + n_cuts * t_probe
+                 + len(cuts) * t_attack * max(att_epochs.values()))
+    return {"data_s": t_data, "train_epoch_s": t_epoch, "probe_s": t_probe, "attack_epoch_s": t_attack,
             "attack_epochs": att_epochs, "train_epochs": full.train.epochs, "cuts": n_cuts, "attacked_cuts": len(cuts),
             "sweeps": forms * seeds, "per_sweep_s": per_sweep, "total_s": per_sweep * forms * seeds,
             "load_avg_before": load0, "load_avg_after": os.getloadavg(), "threads": tree.get("threads"),
-            "note": "upper bound on this machine: one training epoch timed with the data loading and the test "
-                    "accuracy; the attack at the shallowest attacked cut (deeper cuts are cheaper to encode)"}
+            "note": "upper bound on this machine: the training epoch includes the test accuracy and the FLOP count; "
+                    "the attack epoch (with its scoring) at the shallowest attacked cut (deeper cuts are cheaper to "
+                    "encode)"}
 
 
 # -- re-reading an export ---------------------------------------------------------------------------------------
@@ -261,8 +279,8 @@ def render(export: dict, out_dir: Path, source: str, docs: str | None = None) ->
     md += ["## Every attacked cut: MSE, the mean-image baseline, MSE / baseline\n",
            "Mean +- sample std over seeds (95% t interval of the mean). MSE / baseline is the fraction of the way from "
            "a perfect reconstruction (0) to the attacker that outputs the mean image of its data (1)."
-           + (" The baselines were recomputed from each seed's data split when this file was generated (the export "
-              "did not store them; the baseline does not depend on the model)." if recomputed else "") + "\n",
+           + (" The baselines were recomputed from each seed's data split at re-reading (`--baseline-from-data`; the "
+              "run did not store them; the baseline does not depend on the model)." if recomputed else "") + "\n",
            "| form | " + " | ".join(f"cut {c} {names.get(c, '')}" for c in acuts) + " |", "|---|" + "---|" * len(acuts)]
     thr = paper_fidelity_threshold(3 if tree["data"]["name"] not in ("mnist", "fashion_mnist") else 1)
     for f in forms:

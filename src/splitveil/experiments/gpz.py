@@ -1,13 +1,16 @@
 """Golden Partition Zone analysis (GPZ paper, ``seeds/paper-golden-partition-zone.md``): train ONE model, then
-for every cut point probe the transmitted representation (shape, d, R_c^2 per class, sigma_feat^2, the
-paper's entropy bound terms), the edge's share of parameters and FLOPs, the payload, and (optionally) the
-inverse-network attack trained on that model's aux features at that cut (the paper's protocol: one target
-model, one attacker per cut). The transition zone is detected from the probe (see ``detect_zone``).
+for every cut point probe the transmitted representation (shape, d, R_c^2 per class, sigma_feat^2, tr(Sigma)
+and the scale-free within-class fraction R_c^2 / tr(Sigma) with bootstrap intervals, the paper's entropy bound
+terms), the edge's share of parameters and FLOPs, the payload, and (optionally) the inverse-network attack
+trained on that model's aux features at that cut (the paper's protocol: one target model, one attacker per cut)
+with the mean-image baseline on the same images. The transition zone is detected by the paper's rule on R_c^2, by
+the same rule on the within-class fraction and by MSE (see ``detect_zone``).
 
 Everything lives in ``<out>/gpz-<run-id>/``: ``checkpoint.pt`` (the trained model), ``meta.json``, ``rows.json``
 (finished cuts, kept across runs: an interrupted or extended sweep only computes the missing cuts), ``zone.json``,
 ``cut<k>_<block>/`` (attack checkpoint and reconstructions); ``report.gpz.write_sweep`` adds ``gpz.md`` /
-``gpz.csv`` (table), ``gpz.png`` (MSE and R_c^2 against depth, zone shaded), ``recon_strip.png``.
+``gpz.csv`` (table), ``gpz.png`` / ``.pdf`` (MSE / baseline, R_c^2 and tr(Sigma), the within-class fraction against
+depth, each rule's zone shaded), ``recon_strip.png`` / ``.pdf``.
 
 The sweep uses the run pipeline's stages (``pipeline.py``: data, training, the edge, the attack, the seeds);
 the zone rule is ``results/gpz.py``, the tables and figures ``report/gpz.py``.

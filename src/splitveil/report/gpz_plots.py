@@ -46,7 +46,7 @@ def _shade(ax, zones: dict[str, list[int]], alpha: float = 0.18, label: bool = T
         color, hatch, text = ZONE_STYLE[rule]
         for i, k in enumerate(cuts):
             ax.axvspan(k - 0.45, k + 0.45, facecolor=color if hatch is None else "none", edgecolor=color,
-                       hatch=hatch, alpha=alpha if hatch is None else 0.6, lw=0,
+                       hatch=hatch, alpha=alpha if hatch is None else (0.3 if rule == "mse" else 0.6), lw=0,
                        label=text if label and i == 0 else None)
 
 
