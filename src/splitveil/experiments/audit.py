@@ -200,7 +200,8 @@ def _persist(run_dir: Path, name: str, result: dict[str, Any], x01: torch.Tensor
 
 # -- the audit ---------------------------------------------------------------------------------------------------
 def parse_cut_list(spec: str | Iterable[str | int] | None, names: list[str], default: str) -> list[int]:
-    """``all``, or names / 1-based indices of the chain's blocks (comma-separated); default: the trained cut."""
+    """``all``, or names (first) / 1-based indices of the chain's blocks (comma-separated); default: the trained
+    cut."""
     n = len(names) - 1
     if spec is None:
         spec = default
@@ -211,10 +212,10 @@ def parse_cut_list(spec: str | Iterable[str | int] | None, names: list[str], def
         raise ConfigError("--cuts: empty list; give cut names (e.g. layer1,layer2) or 'all'")
     out = []
     for it in items:
-        if it.isdigit():
-            k = int(it)
-        elif it in names[:-1]:
+        if it in names[:-1]:          # a name first (an nn.Sequential's children are named by digits)
             k = names.index(it) + 1
+        elif it.isdigit():
+            k = int(it)
         else:
             raise ConfigError(f"--cuts: '{it}' is not a cut of this model; valid cuts: {', '.join(names[:-1])}")
         if not 1 <= k <= n:

@@ -229,10 +229,12 @@ class TracedModel(BlockModel):
         return [list(c.names) for c in self.analysis.cuts]
 
     def cut_index(self, cut: int | str) -> int:
+        """``cut``: a module's name (a string, even one of digits: an ``nn.Sequential`` child ``"2"``), or the number
+        of blocks on the edge (an int)."""
+        known = self.analysis.aliases()
+        if isinstance(cut, str) and cut in known:
+            return known[cut]
         if isinstance(cut, str) and not cut.lstrip("-").isdigit():
-            known = self.analysis.aliases()
-            if cut in known:
-                return known[cut]
             valid = ", ".join(self.block_names[:-1])
             if cut in self.analysis.refused:
                 raise ConfigError(f"model.cut: '{cut}' cannot be a cut of {self.source_type}: "

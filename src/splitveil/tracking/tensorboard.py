@@ -54,11 +54,11 @@ class TensorBoardTracker(Tracker):
             v = result.get(k)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 self.writer.add_scalar(f"attack/{name}/{k}", float(v), 0)
-        curve = result.get("fit.val_mse_curve") or result.get("fit.val_curve")
+        curve = result.get("fit.val_curve")
         if isinstance(curve, list):   # the attack's held-out curve, when it records one
             for i, v in enumerate(curve):
                 if isinstance(v, (int, float)):
-                    self.writer.add_scalar(f"attack/{name}/val_mse_curve", float(v), i)
+                    self.writer.add_scalar(f"attack/{name}/val_curve", float(v), i)
 
     def run_end(self, record: Mapping[str, Any]) -> None:
         if self.writer is None:
