@@ -92,6 +92,12 @@ RESOLVE_ONLY: list[tuple[str, str]] = [
                                                              "240 epochs, a GPU): config resolved and pre-flighted"),
     (r"^splitveil report runs/(proposal_study|cifar10_defenses)", "reads the results of a sweep that is only "
                                                                  "resolved here: arguments parsed"),
+    (r"^splitveil report runs/ .*--reference gaussian_noise\+cem_gmm", "its second reference needs runs of "
+                                                                     "gaussian_noise+cem_gmm (a CEM study; the executed "
+                                                                     "runs are the quickstart's): arguments parsed"),
+    (r"mymodels:|my_resnet18|runs/my-resnet18", "the your-own-model walk-through needs the user's mymodels.py and "
+                                                "my_resnet18.yaml (docs/your_model.md; tests/test_your_model.py "
+                                                "executes it): arguments parsed"),
     (r"^(nice -n \d+ )?python benchmarks/", "a benchmark (tens of minutes) that writes benchmarks/results/ (committed "
                                             "exports): the script exists and accepts the options shown"),
     (r"^cp benchmarks/", "copies committed exports: the source exists"),
@@ -237,6 +243,11 @@ def test_heavy_commands_resolve(cmd, workspace, monkeypatch, capsys):
     if argv[0] != "splitveil":
         _resolve_script(argv, workspace)
         return
+    if resolve_reason(cmd).endswith("arguments parsed"):
+        from splitveil.cli import build_parser
+
+        build_parser().parse_args(argv[1:])
+        return
     try:
         _resolve_splitveil(argv, workspace)
     except ConfigError as e:
@@ -282,6 +293,7 @@ def test_plugin_module_in_the_current_folder_loads_without_cwd_on_sys_path(tmp_p
         "@DEFENSES.register('my_docs_noise', 'test plug-in')\n"
         "class MyNoise(Defense):\n    Params = P\n    def transform(self, z, training):\n        return z\n")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SPLITVEIL_ALLOW_PLUGINS", "1")        # the user trusts this module (--allow-plugins)
     cleaned = [p for p in sys.path if p not in ("", ".", str(tmp_path))]
     monkeypatch.setattr(sys, "path", cleaned)
     load_plugins(["my_lab_docs_plugin"])
@@ -317,7 +329,7 @@ def test_config_typos_suggest_the_field():
     from splitveil.params import ConfigError
 
     base = {"name": "t", "data": {"name": "digits"}, "model": {"name": "vgg11_bn", "cut": 1},
-            "defense": {"name": ["gaussian_noise", "cem_gmm"]}}
+            "defense": {"name": ["gaussian_noise", "cem_gmm"], "sigma": 0.05}}
     with pytest.raises(ConfigError, match=r"unknown field 'train.epoch' \(did you mean 'epochs'\?\); valid fields: .*epochs"):
         config_from_dict(base, ["train.epoch=2"])
     with pytest.raises(ConfigError, match=r"'defense.sigmaa' \(did you mean 'sigma'\?\).*parameters: .*\bk\b.*lambda.*sigma"):

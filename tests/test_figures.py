@@ -70,6 +70,16 @@ def test_log_ticks_label_a_narrow_range_with_enough_numbers():
     labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
     _close(fig)
     assert len(labels) >= 4 and all(not re.search(r"10\^|\$", x) for x in labels), labels
+    # a range crossing a decade at column width: 0.008, 0.009, 0.01 must not print over each other
+    with F.style():
+        fig, ax = plt.subplots(figsize=(F.COLUMN_WIDTH, 2.5))
+    ax.set_xscale("log")
+    ax.set_xlim(0.0072, 0.041)
+    F.log_ticks(ax.xaxis)
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_xticklabels() if t.get_text()]
+    assert len(ticks) >= 4 and F.overlapping_texts(ticks) == [], [t.get_text() for t in ticks]
+    _close(fig)
 
 
 def test_save_figure_writes_300_dpi_png_and_pdf(tmp_path):

@@ -157,7 +157,7 @@ def tradeoff_figure(groups: list[Group], attack: str, title: str = "", analyses:
             if len(an.band_acc) and np.isfinite(an.band_lo).any():
                 ok = np.isfinite(an.band_lo) & np.isfinite(an.band_hi)
                 level, method = getattr(an, "level", 0.95), getattr(an, "method", "bootstrap")
-                ax.fill_betweenx(an.band_acc[ok], np.exp(an.band_lo[ok]), np.exp(an.band_hi[ok]), color=c, alpha=0.15,
+                ax.fill_betweenx(an.band_acc[ok], np.exp(np.clip(an.band_lo[ok], -50, 50)), np.exp(np.clip(an.band_hi[ok], -50, 50)), color=c, alpha=0.15,
                                  lw=0, zorder=1, label=f"{an.reference} {level:.0%} {'bootstrap' if method == 'bootstrap' else 't'} band")
         if baseline_mse is not None:
             ax.axvline(baseline_mse, color="tab:red", ls=":", lw=1, label="mean-image baseline MSE", zorder=1)

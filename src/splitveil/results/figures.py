@@ -123,6 +123,13 @@ def log_ticks(axis, min_labels: int = 4) -> None:
             break
     if len(ticks) > 9:                      # many decades: decades only
         ticks = [10.0 ** e for e in range(math.ceil(math.log10(lo)), math.floor(math.log10(hi)) + 1)] or ticks
+    # labels at least 1/8 of the axis apart (0.008, 0.009, 0.01 would print over each other); decades kept first
+    span = math.log10(hi) - math.log10(lo)
+    kept: list[float] = []
+    for t in sorted(ticks, key=lambda t: (abs(math.log10(t) - round(math.log10(t))) > 1e-9, t)):
+        if all(abs(math.log10(t) - math.log10(k)) >= span / 8 for k in kept):
+            kept.append(t)
+    ticks = sorted(kept)
     axis.set_major_locator(FixedLocator(ticks))
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_locator(LogLocator(base=10, subs="auto"))
