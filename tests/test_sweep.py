@@ -203,8 +203,20 @@ def _running_point(out: Path, parent: int, after_one_finished: bool) -> tuple[st
     return None
 
 
+# generous limits: the tests wait on events (a point running, the sweep ending), and these bound only a hang; a slow,
+# loaded machine (load average 10 on 2 cores) must not fail them
+EVENT_LIMIT_S = 900
+
+
+def _load() -> str:
+    try:
+        return "load average " + " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "load average unknown"
+
+
 def _wait_for_running_point(out: Path, proc: subprocess.Popen, after_one_finished: bool,
-                            timeout: float = 120) -> tuple[str, int] | None:
+                            timeout: float = EVENT_LIMIT_S) -> tuple[str, int] | None:
     """Poll until a point is running in a worker of ``proc`` (or the sweep ends / ``timeout`` passes)."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
@@ -212,6 +224,59 @@ def _wait_for_running_point(out: Path, proc: subprocess.Popen, after_one_finishe
         hit = _running_point(out, proc.pid, after_one_finished)
         if hit:
             return hit
+    return None
+
+
+def _finish(proc: subprocess.Popen, timeout: float = EVENT_LIMIT_S) -> str:
+    """The sweep's output once it has ended; a failure that says why when it has not ended after ``timeout``."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        log = proc.communicate()[0]
+        pytest.fail(f"the sweep did not end within {timeout:.0f} s ({_load()}); its output:\n{log[-3000:]}")
+
+
+def _slack() -> float:
+    """How many times slower than an idle machine this one is now: the 1-minute load average per core (>= 1).
+    Time limits that a quiet machine meets are multiplied by it, so a loaded machine does not fail them."""
+    try:
+        load = float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError):
+        return 1.0
+    return max(1.0, load / (os.cpu_count() or 1))
+
+
+def _children(pid: int) -> list[int]:
+    """Pids of the live processes whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"   # a zombie has exited
+
+
+def _wait_gone(pids: list[int], limit: float) -> float | None:
+    """Seconds until every one of ``pids`` has exited; None if some are still alive after ``limit``."""
+    t = time.time()
+    while time.time() - t < limit:
+        if not any(_alive(p) for p in pids):
+            return time.time() - t
+        time.sleep(0.1)
     return None
 
 
@@ -226,11 +291,11 @@ def test_killed_worker_is_replaced_and_the_sweep_finishes_without_rerunning_anyt
         if hit:
             os.kill(hit[1], signal.SIGKILL)
             killed = hit[0]
-        log = proc.communicate(timeout=180)[0]
+        log = _finish(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert killed is not None, "no running point to kill was seen"
+    assert killed is not None, f"no running point to kill was seen within {EVENT_LIMIT_S} s ({_load()})"
     assert proc.returncode == 0 and "1 worker process(es) died" in log and "4/4 finished" in log, log
     rows = store_rows(out)
     assert sorted(rows) == sorted(ids) and all(r["status"] == "finished" for r in rows.values())
@@ -301,3 +366,163 @@ def test_grouping_ablation_fields_and_plots_on_synthetic_runs():
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     png, front = tradeoff_plot(groups, "inverse_network")
     assert png[:4] == b"\x89PNG" and front == [0, 1]   # sigma 0.4 is beaten by sigma 0.2 in both accuracy and MSE
+
+
+def _synthetic_run(defense, sigma, seed, acc, mse, flags=()):
+    from splitveil.report.aggregate import GroupedRun
+
+    cfg = {"name": "x", "seed": seed, "data.name": "mnist", "defense.name": defense, "defense.sigma": sigma}
+    metrics = {"accuracy": acc, "seed": seed, "flags": list(flags), "attacks": {"inverse_network": {"mse": mse}}}
+    return GroupedRun(f"{defense}-{sigma}-{seed}", "mnist", "vgg11_bn", "conv1", defense, seed, metrics, cfg, None,
+                      {"accuracy": acc, "inverse_network.mse": mse}, list(flags), {})
+
+
+@pytest.mark.parametrize("flag", ["chance_accuracy", "unconverged", "diverged"])
+def test_flagged_runs_stay_out_of_fronts_frontiers_and_gains_and_are_shown_excluded(flag):
+    """A run flagged chance accuracy or unconverged (any flag in EXCLUDING_FLAGS) measures no defense: it enters no
+    Pareto front, no reference frontier and no gain, and the report names it with the reason."""
+    from splitveil.report.aggregate import group_runs
+    from splitveil.report.build import DatasetSection, _exclusion_lines
+    from splitveil.report.equal_utility import analyse_groups
+    from splitveil.report.plots import tradeoff_figure
+    from splitveil.results.records import EXCLUDING_FLAGS, FLAG_TEXT
+
+    assert {"chance_accuracy", "unconverged", "diverged"} <= EXCLUDING_FLAGS
+    runs = []
+    for sigma, acc, mse in [(0.1, 0.9, 0.01), (0.2, 0.8, 0.02), (0.4, 0.7, 0.04)]:
+        for seed in (0, 1):
+            runs.append(_synthetic_run("gaussian_noise", sigma, seed, acc + 0.01 * seed, mse * (1 + 0.05 * seed)))
+    # a flagged reference run far off the frontier: left out, the level keeps its other seed
+    runs.append(_synthetic_run("gaussian_noise", 0.4, 2, 0.1, 0.5, [flag]))
+    # one good seed, one flagged seed with a huge MSE at high accuracy (it would dominate every point)
+    runs += [_synthetic_run("cem", 0.3, 0, 0.85, 0.03), _synthetic_run("cem", 0.3, 1, 0.95, 0.9, [flag])]
+    # every seed flagged: the group would be alone on the front
+    runs += [_synthetic_run("dropout", 0.5, s, 0.99, 1.0, ["weak_attack", flag]) for s in (0, 1)]
+    groups = group_runs(runs)
+    by = {(g.defense, g.params["defense.sigma"]): g for g in groups}
+    cem, drop, ref4 = by[("cem", 0.3)], by[("dropout", 0.5)], by[("gaussian_noise", 0.4)]
+
+    fig, front = tradeoff_figure(groups, "inverse_network")
+    assert fig is not None
+    # sorted by MSE; the flagged dropout runs (highest accuracy and MSE) would be the whole front if counted
+    assert [groups[i] for i in front] == [by[("gaussian_noise", 0.1)], cem, ref4], [groups[i].label for i in front]
+    assert drop.kept() is None and cem.kept().n == 1 and cem.kept().stat("inverse_network.mse") == (0.03, None)
+
+    an = analyse_groups(groups, "gaussian_noise", metric="inverse_network")
+    (an,) = an.values()
+    assert an.for_key(id(drop)) is None                                       # no gain for an excluded group
+    g = an.for_key(id(cem))
+    assert g.n == 1 and g.mse == pytest.approx(0.03) and g.accuracy == pytest.approx(0.85)
+    level = next(lv for lv in an.reference_levels if lv.key == id(ref4))
+    assert len(level.runs) == 2 and max(r.accuracy for r in level.runs) == pytest.approx(0.71)   # flagged seed 2 out
+    gref = an.for_key(id(ref4))
+    assert gref.accuracy == pytest.approx(0.705)
+
+    sec = DatasetSection("mnist", groups, ["accuracy", "inverse_network.mse"], ["defense.sigma"])
+    (line,) = _exclusion_lines(sec)
+    text = FLAG_TEXT.get(flag, flag.replace("_", " "))
+    assert f"dropout sigma=0.5: seed 0 ({text}); seed 1 ({text})" in line and f"cem sigma=0.3: seed 1 ({text})" in line
+    assert f"gaussian_noise sigma=0.4: seed 2 ({text})" in line and "weak attack" not in line
+    assert _exclusion_lines(DatasetSection("mnist", [by[("gaussian_noise", 0.1)]], [], [])) == []
+
+
+# -- issue 22: processes and signals --------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc (Linux)")
+def test_workers_stop_within_seconds_when_the_sweep_is_killed_9(tmp_path, data_root):
+    """kill -9 leaves the parent no chance to stop its workers: they notice themselves (PR_SET_PDEATHSIG, and a
+    watchdog on the parent pid), record their point interrupted and exit."""
+    path = tiny_sweep(tmp_path, "orphans", grid={"seed": [0, 1, 2, 3]}, **{"train.epochs": 20})
+    out = tmp_path / "out"
+    proc = _start_sweep(path, out)
+    try:
+        hit = _wait_for_running_point(out, proc, after_one_finished=False)
+        assert hit is not None, f"no running point was seen within {EVENT_LIMIT_S} s ({_load()})"
+        workers = [p for p in _children(proc.pid)]
+        assert hit[1] in workers, (hit, workers)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        limit = 10 * _slack()   # 10 s on a quiet machine
+        gone = _wait_gone(workers, limit)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert gone is not None, (f"workers {[w for w in workers if _alive(w)]} outlived the killed sweep by "
+                              f"{limit:.0f} s ({_load()})")
+    rows = store_rows(out)
+    assert rows[hit[0]]["status"] == "interrupted", rows[hit[0]]   # recorded by the worker itself
+    assert not any(r["status"] == "running" for r in rows.values())
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_stops_the_sweep_within_seconds_and_marks_points_interrupted(tmp_path, data_root, sig):
+    path = tiny_sweep(tmp_path, "term", grid={"seed": [0, 1, 2, 3]}, **{"train.epochs": 20})
+    out = tmp_path / "out"
+    proc = _start_sweep(path, out)
+    try:
+        hit = _wait_for_running_point(out, proc, after_one_finished=False)
+        assert hit is not None, f"no running point was seen within {EVENT_LIMIT_S} s ({_load()})"
+        workers = _children(proc.pid)
+        t = time.time()
+        limit = 5 * _slack()   # 5 s on a quiet machine
+        os.kill(proc.pid, getattr(signal, sig))
+        log = _finish(proc)
+        stopped_in = time.time() - t
+        gone = _wait_gone(workers, 5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "run the same command again" in log, log
+    assert stopped_in < limit, f"the sweep took {stopped_in:.1f} s to stop after {sig} ({_load()}); output:\n{log}"
+    assert gone is not None, f"workers still alive 5 s after the sweep stopped ({_load()})"
+    rows = store_rows(out)
+    assert rows[hit[0]]["status"] == "interrupted" and not any(r["status"] == "running" for r in rows.values()), rows
+    again = subprocess.run([sys.executable, "-m", "splitveil", "sweep", str(path), "--out", str(out), "--dry-run"],
+                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, capture_output=True, text=True)
+    assert "| interrupted |" in again.stdout, again.stdout
+
+
+def test_two_sweeps_on_one_out_both_exit_0_when_every_point_finished(tmp_path, data_root):
+    """The second sweep finds points the first one runs (busy): it waits for them instead of giving up, and both
+    exit 0; no point runs twice."""
+    path = tiny_sweep(tmp_path, "twice", grid={"seed": [0, 1, 2]})
+    out = tmp_path / "out"
+    ids = [p.run_id for p in load_sweep(path, out=out).points]
+    a = _start_sweep(path, out, workers=1)
+    hit = _wait_for_running_point(out, a, after_one_finished=False)
+    b = _start_sweep(path, out, workers=1)
+    try:
+        log_a, log_b = _finish(a), _finish(b)
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.kill()
+    assert hit is not None
+    assert a.returncode == 0 and "3/3 finished" in log_a, log_a
+    assert b.returncode == 0 and "3/3 finished" in log_b, log_b
+    rows = store_rows(out)
+    assert sorted(rows) == sorted(ids) and all(r["status"] == "finished" for r in rows.values())
+    starts = {rid: (out / rid / "run.log").read_text().count(" data mnist: ") for rid in ids}
+    assert set(starts.values()) == {1}, starts
+
+
+def test_gpz_and_probe_take_the_run_lock(tmp_path, data_root, capsys):
+    import fcntl
+
+    from splitveil.experiments.config import load_config
+    from splitveil.results.store import lock_path
+
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config().to_dict(), sort_keys=False))
+    lp = lock_path(tmp_path / "out", f"gpz-{load_config(cfg_path).run_id()}")
+    lp.parent.mkdir(parents=True)
+    fd = os.open(lp, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)      # as another process running this gpz would
+        for cmd in (["gpz", str(cfg_path), "--cuts", "1", "--no-attack"], ["probe", str(cfg_path), "--cut", "1"]):
+            assert main(cmd + ["--out", str(tmp_path / "out"), "--probe-images", "16", "--bootstrap", "0"]) == 1
+            err = capsys.readouterr().err
+            assert "running in another process" in err, err
+        assert not list((tmp_path / "out").glob("gpz-*"))   # nothing trained or written
+    finally:
+        os.close(fd)

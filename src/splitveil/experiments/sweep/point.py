@@ -20,8 +20,26 @@ def stop() -> None:
         STOPPED = True
 
 
-def execute_point(config: dict, out: str, force: bool = False, threads: int | None = None) -> dict[str, Any]:
+BUSY_POLL_S = 0.5   # how often a point run elsewhere is checked while waiting for it (wait_busy)
+
+
+def _wait_for_lock(out: Path, run_id: str) -> None:
+    """Block until no process holds the point's run lock (the other sweep finished, stopped or died)."""
+    from .locks import _lock_is_free
+
+    while not _lock_is_free(out, run_id):
+        if STOPPED:
+            return
+        time.sleep(BUSY_POLL_S)
+
+
+def execute_point(config: dict, out: str, force: bool = False, threads: int | None = None,
+                  wait_busy: bool = False) -> dict[str, Any]:
     """Run one sweep point unless it is finished already or another process holds its lock.
+
+    ``wait_busy``: when another process (another sweep on the same ``--out``) holds the point, wait until it lets
+    go, then skip the point if that process finished it, or continue it if not; without it the point is
+    reported ``busy`` at once.
 
     Returns ``{"run_id", "status", "seconds", "error", "resumed"}``; never raises for a failing run (the
     failure is recorded in the store by ``run_experiment`` and reported here)."""
@@ -39,10 +57,12 @@ def execute_point(config: dict, out: str, force: bool = False, threads: int | No
     if STOPPED:  # a local worker that saw Ctrl-C runs none of the calls still queued to it
         res.update(status="interrupted", error="sweep interrupted")
         return res
+    if wait_busy:
+        _wait_for_lock(out_p, run_id)
     try:
         with run_lock(out_p, run_id):
             row = ResultsStore(out_p / "results.sqlite").get(run_id)
-            if is_finished(row, out_p / run_id) and not force:
+            if is_finished(row, out_p / run_id) and (not force or wait_busy):   # (finished by the other sweep)
                 res["status"] = "skipped"
                 return res
             # interrupted (or left 'running' by a killed process): continue from its checkpoints; failed or new: fresh

@@ -2,7 +2,10 @@
 the status table of a sweep."""
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import TextIO
@@ -41,6 +44,27 @@ class SweepResult:
         return sum(self.run_seconds.values()) / (self.wall_s * self.slots)
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While inside, SIGTERM and SIGHUP stop the sweep as Ctrl-C does (running points marked interrupted, the
+    workers gone within seconds); the previous handlers are restored after. Main thread only (elsewhere a no-op)."""
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGHUP"):
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                saved[sig] = signal.signal(sig, _raise_interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def run_sweep(sweep: Sweep, backend: str = "local", workers: int | None = None, force: bool = False,
               progress: bool = True, stream: TextIO | None = None, address: str | None = None,
               num_cpus: int | None = None, num_gpus: int | None = None, cpus_per_run: float | None = None,
@@ -64,23 +88,30 @@ def run_sweep(sweep: Sweep, backend: str = "local", workers: int | None = None, 
     prog.update(running=0, force=True)
     slots = 1
     try:
-        if todo:
-            if backend == "local":
-                slots = max(1, min(workers or 1, len(todo)))
-                from .backends.local import _run_local
-
-                slots = _run_local(sweep, tracker, slots, force)
-            else:
-                from .backends.ray import _run_ray
-
-                slots = _run_ray(sweep, tracker, force, address, num_cpus, num_gpus,
-                                 float(cpus_per_run if cpus_per_run is not None else sweep.resources["cpus"]),
-                                 float(gpus_per_run if gpus_per_run is not None else sweep.resources["gpus"]))
+        with stop_on_signals():
+            slots = _run_backend(sweep, tracker, todo, backend, workers, force, address, num_cpus, num_gpus,
+                                 cpus_per_run, gpus_per_run)
     finally:
         prog.update(running=0, force=True)
         prog.close()
     return SweepResult(sweep.name, len(sweep.points), tracker.skipped, tracker.ran, tracker.finished,
                        tracker.failed, tracker.lost, tracker.seconds, time.time() - t0, slots, tracker.worker_deaths)
+
+
+def _run_backend(sweep, tracker, todo, backend, workers, force, address, num_cpus, num_gpus, cpus_per_run,
+                 gpus_per_run) -> int:
+    """Run ``todo`` on the backend; returns the number of parallel slots."""
+    if not todo:
+        return 1
+    if backend == "local":
+        from .backends.local import _run_local
+
+        return _run_local(sweep, tracker, max(1, min(workers or 1, len(todo))), force)
+    from .backends.ray import _run_ray
+
+    return _run_ray(sweep, tracker, force, address, num_cpus, num_gpus,
+                    float(cpus_per_run if cpus_per_run is not None else sweep.resources["cpus"]),
+                    float(gpus_per_run if gpus_per_run is not None else sweep.resources["gpus"]))
 
 
 def check_points(sweep: Sweep) -> dict[str, str]:
