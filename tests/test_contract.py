@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # so every config and sweep that lists rmle got a new run id (config.yaml content unchanged); the others did not.
 # Updated deliberately (2026-12-04): the four gpz_* configs' data.root was wrong (../shared/data, relative to the
 # file: inside the repository); now ../../shared/data, a different canonical root and so a new run id.
+# Updated deliberately (2026-12-04, issue 24): sweeps/cem_tradeoff*.yaml and slot_ablation.yaml now train on the CEM
+# reference feature space (bottleneck without BN/ReLU, sigmoid) and the GPU ones with the paper's multistep schedule
+# compressed to 100 epochs (tests/test_configs_resolve.py): new configs, new run ids.
 EXPECTED = {
     'configs/att_faces_vgg11_cpu.yaml': {'run_id': 'att_faces_vgg11_cpu-att_faces-vgg11_bn-none-s0-5e91e7442a', 'config': '865bf25d98c67b5b'},
     'configs/cifar10_vgg11_cem_cpu.yaml': {'run_id': 'cifar10_vgg11_cem_cpu-cifar10-vgg11_bn-gaussian_noise+cem_gmm-s0-2f7d05027f', 'config': '9605079bd3f0fd86'},
@@ -39,8 +42,8 @@ EXPECTED = {
     'configs/gpz_vgg19_cifar10_cpu.yaml': {'run_id': 'gpz_vgg19_cifar10_cpu-cifar10-vgg19_bn-none-s0-b13840441f', 'config': 'a1e5b0523ace6504'},
     'configs/mnist_vgg11_cpu.yaml': {'run_id': 'mnist_vgg11_cpu-mnist-vgg11_bn-none-s0-592b44f0fb', 'config': '01e7e589c88e4697'},
     'configs/quickstart.yaml': {'run_id': 'quickstart-digits-vgg11_bn-none-s0-94c58393d2', 'config': '6b76cdba42bb3c52'},
-    'sweeps/cem_tradeoff-cpu.yaml': {'points': 18, 'first': 'cem_tradeoff_cpu-cifar10-vgg11_bn-gaussian_noise+cem_gmm-s0-cc302fcf1e', 'last': 'cem_tradeoff_cpu-cifar10-vgg11_bn-gaussian_noise+cem_gated_pool-s0-fb2f40a97c', 'run_ids': '9bc2f3d7cdb32b37', 'configs': '166bbedea6a28126'},
-    'sweeps/cem_tradeoff.yaml': {'points': 225, 'first': 'cem_tradeoff-cifar10-vgg11_bn-gaussian_noise+cem_gmm-s0-d44144220c', 'last': 'cem_tradeoff-cifar10-vgg11_bn-gaussian_noise+cem_gated_pool-s2-67ada930a2', 'run_ids': '41807e931ebedce3', 'configs': 'dcc5001046c4e4bd'},
+    'sweeps/cem_tradeoff-cpu.yaml': {'points': 18, 'first': 'cem_tradeoff_cpu-cifar10-vgg11_bn-gaussian_noise+cem_gmm-s0-64cc4e3b6e', 'last': 'cem_tradeoff_cpu-cifar10-vgg11_bn-gaussian_noise+cem_gated_pool-s0-7489a29d20', 'run_ids': 'ed660b6e24c464b1', 'configs': 'dd1e6d4b3d0732a8'},
+    'sweeps/cem_tradeoff.yaml': {'points': 225, 'first': 'cem_tradeoff-cifar10-vgg11_bn-gaussian_noise+cem_gmm-s0-d077c23204', 'last': 'cem_tradeoff-cifar10-vgg11_bn-gaussian_noise+cem_gated_pool-s2-e73136d8a9', 'run_ids': 'fbcd6822bebdcdb2', 'configs': 'a115470631de393c'},
     'sweeps/cifar10_defenses-cpu.yaml': {'points': 16, 'first': 'cifar10_defenses_cpu-cifar10-vgg11_bn-none-s0-d80a05d0fc', 'last': 'cifar10_defenses_cpu-cifar10-vgg11_bn-topk_prune+cem_gmm-s0-4776aa1898', 'run_ids': '256f65f4c1b3f211', 'configs': 'a7bfa56a9b5a15d9'},
     'sweeps/cifar10_defenses.yaml': {'points': 66, 'first': 'cifar10_defenses-cifar10-vgg11_bn-gaussian_noise+cem_gmm-s0-2193b9272b', 'last': 'cifar10_defenses-cifar10-vgg11_bn-gaussian_noise+label_smoothing+cem_gmm-s2-91eeab3c4f', 'run_ids': '64c9c96440e807e7', 'configs': 'b72b7db9169472d9'},
     'sweeps/gpz_layers-cpu.yaml': {'points': 27, 'first': 'gpz_layers_cpu-cifar10-vgg11_bn-none-s0-75f84d3396', 'last': 'gpz_layers_cpu-cifar10-vgg11_bn-label_smoothing-s2-83089afba3', 'run_ids': 'b9d937d4ba3a5034', 'configs': '9209b09523f42706'},
@@ -49,7 +52,7 @@ EXPECTED = {
     'sweeps/proposal_study-cpu.yaml': {'points': 114, 'first': 'proposal_study_cpu-cifar10-vgg11_bn-none-s0-6e7fb25c19', 'last': 'proposal_study_cpu-facescrub10-vgg11_bn-gaussian_noise+cem_gated_pool-s2-36c342db06', 'run_ids': '6f80c0e990ab387e', 'configs': 'b42e1f9bdc25ac8a'},
     'sweeps/proposal_study.yaml': {'points': 190, 'first': 'proposal_study-cifar10-vgg11_bn-none-s0-97f80a2db2', 'last': 'proposal_study-facescrub10-vgg11_bn-gaussian_noise+cem_gated_pool-s4-1b1cab9a26', 'run_ids': '174f8ee77a5c2c9b', 'configs': '4ea6ebac7c982d00'},
     'sweeps/slot_ablation-cpu.yaml': {'points': 9, 'first': 'slot_ablation_cpu-cifar10-vgg11_bn-gaussian_noise+cem_slot_cross-s0-0208ff1416', 'last': 'slot_ablation_cpu-cifar10-vgg11_bn-gaussian_noise+cem_slot_cross-s0-20eda058e1', 'run_ids': 'e1150172af7061ff', 'configs': '074abb103b98207e'},
-    'sweeps/slot_ablation.yaml': {'points': 39, 'first': 'slot_ablation-cifar10-vgg11_bn-gaussian_noise+cem_slot_cross-s0-e48ab81349', 'last': 'slot_ablation-cifar10-vgg11_bn-gaussian_noise+cem_slot_cross-s2-14d3be8934', 'run_ids': '5f9c58c8cb76e78f', 'configs': '3229d8a89dee58a0'},
+    'sweeps/slot_ablation.yaml': {'points': 39, 'first': 'slot_ablation-cifar10-vgg11_bn-gaussian_noise+cem_slot_cross-s0-24e432e111', 'last': 'slot_ablation-cifar10-vgg11_bn-gaussian_noise+cem_slot_cross-s2-bafcaf7957', 'run_ids': '2f150d23a580e4cb', 'configs': '8e945eae69b2e18e'},
 }
 
 
