@@ -25,7 +25,11 @@ class SweepCommand:
         p.add_argument("--data-root", help="data root for every point, sets data.root")
         p.add_argument("--device", help="auto | cpu | cuda for every point, sets device")
         p.add_argument("--force", action="store_true", help="re-run every point, even finished ones")
-        p.add_argument("--dry-run", action="store_true", help="list the points and their status; run nothing")
+        p.add_argument("--dry-run", action="store_true", help="list the points and their status, with an ESTIMATED run "
+                       "time per point on this machine from a short measured calibration; run nothing")
+        p.add_argument("--no-estimate", action="store_true", help="--dry-run: skip the calibration and the estimate")
+        p.add_argument("--calibration-steps", type=int, default=3, metavar="N",
+                       help="--dry-run: timed training steps per distinct model / attack (default 3)")
         p.add_argument("--no-progress", action="store_true", help="no live progress line")
         p.add_argument("--report", action="store_true", help="write the html/md/csv/latex report when the sweep ends")
         add_plugin_argument(p)
@@ -53,7 +57,13 @@ class SweepCommand:
             bad = check_points(sweep)
             if bad:
                 print(f"\n{len(bad)} point(s) invalid: fix them before running", file=sys.stderr)
-            return 2 if bad else 0
+                return 2
+            if not args.no_estimate and sweep.points:
+                from ..experiments.sweep.estimate import estimate_lines
+
+                print()
+                print("\n".join(estimate_lines(sweep.points, steps=args.calibration_steps)))
+            return 0
         res = run_sweep(sweep, backend=args.backend, workers=args.workers, force=args.force,
                         progress=not args.no_progress, address=args.address, num_cpus=args.num_cpus,
                         num_gpus=args.num_gpus, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
