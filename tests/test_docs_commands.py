@@ -202,7 +202,7 @@ def _resolve_splitveil(argv: list[str], workspace: Path) -> None:
         argv = [("cpu" if a == "cuda" and argv[i - 1] == "--device" else a) for i, a in enumerate(argv)]
     args = build_parser().parse_args(argv[1:])
     if argv[1] == "sweep":
-        assert main(argv[1:] + ["--dry-run", "--no-progress"]) == 0, argv
+        assert main(argv[1:] + ["--dry-run", "--no-progress", "--no-estimate"]) == 0, argv   # no calibration in CI
     elif argv[1] == "run":
         preflight(config_from_args(args))          # data root, dataset, model and cut, as `run` checks first
     elif argv[1] in ("gpz", "probe"):              # these cut the plain backbone at every block: model.cut is
