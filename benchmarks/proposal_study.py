@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="?", default="runs/proposal_study-cpu",
                     help="the study's runs folder (holding results.sqlite); may be missing: the export alone is reported")
     ap.add_argument("--dest", default=str(ROOT / "benchmarks" / "results" / "proposal_study"))
-    ap.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates per gain interval")
+    ap.add_argument("--interval", choices=["t", "bootstrap"], default="t",
+                    help="gain intervals: t over seeds (default) or the former percentile bootstrap")
+    ap.add_argument("--bootstrap", type=int, default=2000, help="--interval bootstrap: replicates per gain interval")
     ap.add_argument("--include", action="append", default=[], metavar="EXPORT_DIR:DEFENSE",
                     help="also merge the runs of another export (its results.json) whose defense label is DEFENSE "
                          "(e.g. an arm run later with the same protocol); repeatable")
@@ -95,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(kept)} runs of {label} from {folder}" + (f" ({len(other) - len(kept)} excluded)" if len(kept) < len(other) else ""))
     runs = merge_export(dest, rows)
     tmp = dest / "results.json.tmp"
-    tmp.write_text(json.dumps({"source": str(args.runs), "runs": runs}, indent=1, default=str))
+    source = str(args.runs)
+    if not rows and (dest / "results.json").exists():   # a rebuild from the export alone keeps where it came from
+        source = json.loads((dest / "results.json").read_text()).get("source", source)
+    tmp.write_text(json.dumps({"source": source, "runs": runs}, indent=1, default=str))
     tmp.replace(dest / "results.json")
     flat = [run_summary(r) for r in runs]
     (dest / "results.csv").write_text(to_csv(flat, columns(flat)) if flat else "")
@@ -108,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         db = write_store(runs, work)
         labels = sorted({r["defense"] for r in runs})
         refs = [r for r in REFERENCES if match_reference(labels, r) == r]
-        written = build_report(db, ["md", "csv", "latex"], dest, references=refs or ["none"], n_boot=args.bootstrap)
+        written = build_report(db, ["md", "csv", "latex"], dest, references=refs or ["none"], n_boot=args.bootstrap,
+                               interval=args.interval)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     for name, path in written.items():
