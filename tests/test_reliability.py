@@ -784,7 +784,7 @@ def test_an_overflowing_defense_is_named_with_its_parameter_not_train_lr(tmp_pat
     with pytest.raises(ConfigError, match=r"^defense\.sigma: 1e\+39 is not a finite float32"):
         digits_config(**{"defense.name": "gaussian_noise", "defense.sigma": 1e39})
     with pytest.raises(ConfigError, match=r"^defense\.gaussian_noise\.sigma: "):
-        digits_config(**{"defense.name": "gaussian_noise", "defense.gaussian_noise.sigma": -1e39})
+        digits_config(**{"defense.name": "gaussian_noise", "defense.gaussian_noise.sigma": 1e39})
     cfg = digits_config(**{"defense.name": "gaussian_noise", "defense.sigma": 1e30})
     with pytest.raises(NonFiniteLossError) as e:
         run_experiment(cfg, tmp_path)
