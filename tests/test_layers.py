@@ -11,6 +11,8 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "splitveil"
 # lower number = lower layer; a module may import its own layer's packages and lower ones
 LAYERS = {
     "version": 0, "utils": 0, "params": 0, "registry": 0,
+    "yaml_io": 0, "runtime": 0, "lifeline": 0, "references": 0,   # safe YAML, allocator, worker lifeline, name:function
+    "tracking": 1,                                                 # run loggers (TensorBoard, MLflow): beside results
     "results": 1,
     "data": 2, "models": 2, "metrics": 2, "precision": 2,
     "defenses": 3, "attacks": 3, "training": 3,

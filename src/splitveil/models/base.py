@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..params import ConfigError, require
+from ..params import ConfigError, did_you_mean, require
 from ..registry import Registry
 
 MODELS: Registry[Callable[..., "BlockModel"]] = Registry("model")
@@ -112,8 +112,9 @@ class ModelConfig:
             from .generic import ensure_user_model
 
             ensure_user_model(self.name)
-        require(self.name in MODELS, "name", f"unknown model '{self.name}'; registered: {', '.join(MODELS.names())} "
-                                             "(or the user's factory as 'module:function')")
+        require(self.name in MODELS, "name", f"unknown model '{self.name}'"
+                f"{did_you_mean(self.name, list(MODELS.names()))}; registered: {', '.join(MODELS.names())} "
+                "(or the user's factory as 'module:function')")
         require(self.width > 0, "width", "must be positive")
         require(self.bottleneck_channels is None or self.bottleneck_channels > 0, "bottleneck_channels",
                 "must be positive or null")
