@@ -245,6 +245,15 @@ def mode_utilisation(args) -> None:
         w = torch.randn(128, 128, 3, 3).to(dt).contiguous(memory_format=torch.channels_last)
         out[f"peak_conv_{name}"] = 2 * 256 * 128 * 128 * 9 * 256 / best(lambda: F.conv2d(x, w, padding=1)) / 1e9
 
+    def step(module, opt, x, target, loss_fn, bf16):
+        """One optimisation step as the trainer / the attack fit take it: autocast forward, float32 loss."""
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = module(x)
+        loss = loss_fn(y.float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
     def measured(model_step):
         fc = FlopCounterMode(display=False)
         with fc:
@@ -263,14 +272,7 @@ def mode_utilisation(args) -> None:
         xb = xb.contiguous(memory_format=torch.channels_last) if cl else xb
         yb = torch.randint(0, 10, (128,))
 
-        def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cl):
-                logits = m(xb)
-            loss = F.cross_entropy(logits.float(), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        out[f"train_step_{prec}"] = measured(step)
+        out[f"train_step_{prec}"] = measured(lambda: step(m, opt, xb, yb, F.cross_entropy, cl))
         dec = InverseNetworkAttack(InverseNetworkParams(channels=128), show_progress=False).build_decoder((8, 8, 8), (3, 32, 32))
         if cl:
             dec = dec.to(memory_format=torch.channels_last)
@@ -279,14 +281,7 @@ def mode_utilisation(args) -> None:
         z = z.contiguous(memory_format=torch.channels_last) if cl else z
         tgt = torch.rand(128, 3, 32, 32)
 
-        def dstep():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cl):
-                xh = dec(z)
-            loss = F.mse_loss(xh.float(), tgt)
-            dopt.zero_grad(set_to_none=True)
-            loss.backward()
-            dopt.step()
-        out[f"attack_step_{prec}"] = measured(dstep)
+        out[f"attack_step_{prec}"] = measured(lambda: step(dec, dopt, z, tgt, F.mse_loss, cl))
     for prec in ("fp32", "bf16"):
         for what in ("train_step", "attack_step"):
             out[f"{what}_{prec}_of_conv_peak"] = out[f"{what}_{prec}"] / out[f"peak_conv_{prec}"]

@@ -13,6 +13,7 @@ import torch
 from ..results.figures import (COLUMN_WIDTH, DPI, MARKERS, family_colors, family_styles, image_grid, log_ticks,
                                place_labels, pyplot as _plt, render as _render, score_note, series_styles, style)
 from .aggregate import Group, pareto_front
+from .results import _fmt
 
 __all__ = ["MARKERS", "DPI", "render", "tradeoff_figure", "tradeoff_plot", "cost_figure", "ablation_fields",
            "ablation_figure", "ablation_plot", "recon_figure", "recon_comparison", "param_text"]
@@ -35,14 +36,6 @@ def _png(fig, dpi: int = DPI) -> bytes:
 def metric_label(attack: str, metric: str = "mse") -> str:
     name = metric.upper()
     return f"worst-case {name} over attacks" if attack == "worst" else f"{attack} {name}"
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:g}"
-    if isinstance(v, list):
-        return "+".join(map(str, v))
-    return str(v)
 
 
 def _short(key: str) -> str:
