@@ -45,19 +45,28 @@ def add_plugin_argument(p) -> None:
                         "for worker processes). Installed packages' entry points need no flag")
 
 
+FLAG_OVERRIDES = ("data_root", "device", "seed", "no_progress")
+
+
+def overrides_from_args(args, flags: tuple[str, ...] = FLAG_OVERRIDES) -> list[str]:
+    """``--set`` overrides followed by the ones the command-line ``flags`` stand for (``--data-root`` ->
+    data.root, ``--device``, ``--seed``, ``--no-progress`` -> progress=false), for the flags a command takes."""
+    overrides = list(args.overrides)
+    if "data_root" in flags and args.data_root:
+        overrides.append(f"data.root={args.data_root}")
+    if "device" in flags and args.device:
+        overrides.append(f"device={args.device}")
+    if "seed" in flags and args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    if "no_progress" in flags and args.no_progress:
+        overrides.append("progress=false")
+    return overrides
+
+
 def config_from_args(args):
     from ..experiments import load_config
 
-    overrides = list(args.overrides)
-    if args.data_root:
-        overrides.append(f"data.root={args.data_root}")
-    if args.device:
-        overrides.append(f"device={args.device}")
-    if args.seed is not None:
-        overrides.append(f"seed={args.seed}")
-    if args.no_progress:
-        overrides.append("progress=false")
-    return load_config(args.config, overrides)
+    return load_config(args.config, overrides_from_args(args))
 
 
 import_submodules(__name__)

@@ -1,7 +1,7 @@
 """``splitveil audit``: how much a trained model leaks at each cut, without training it again."""
 from __future__ import annotations
 
-from . import command
+from . import command, overrides_from_args
 
 
 @command("audit", "attack a trained model (a run folder, or module:function + a state dict) at one or more cuts, "
@@ -36,11 +36,7 @@ class AuditCommand:
         from ..experiments.config import load_config
         from ..params import ConfigError
 
-        ov = list(args.overrides)
-        if args.data_root:
-            ov.append(f"data.root={args.data_root}")
-        if args.no_progress:
-            ov.append("progress=false")
+        ov = overrides_from_args(args, ("data_root", "no_progress"))
         if args.run:
             if args.config or args.weights or args.model:
                 raise ConfigError("audit: give a run folder, or --config with --weights (and --model), not both")

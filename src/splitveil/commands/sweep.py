@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from . import add_plugin_argument, command
+from . import add_plugin_argument, command, overrides_from_args
 
 
 @command("sweep", "run a sweep (base config x grid/list of overrides) with local worker processes or Ray")
@@ -39,11 +39,7 @@ class SweepCommand:
         from ..experiments.sweep import describe, load_sweep, run_sweep
         from ..params import ConfigError
 
-        overrides = list(args.overrides)
-        if args.data_root:
-            overrides.append(f"data.root={args.data_root}")
-        if args.device:
-            overrides.append(f"device={args.device}")
+        overrides = overrides_from_args(args, ("data_root", "device"))
         if args.workers < 1:
             raise ConfigError("--workers: must be >= 1")
         sweep = load_sweep(args.sweep, overrides, args.out)
